@@ -1,0 +1,1 @@
+"""etjax.algorithms."""

@@ -1,0 +1,115 @@
+"""Scaled dot-product attention with pluggable backends.
+
+Every attention layer in the ModelZoo calls `dot_product_attention`; the `backend`
+argument picks the implementation:
+  - 'dense': plain XLA einsums with an explicit softmax. It is the reference the other
+    backends are held to, and the only one that can return attention probabilities
+    (distillation reads them) and apply attention-probability dropout.
+  - 'rsa': Random Sparse Attention (etjax.pallas.rsa), block-sparse with sparsity k.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("dense", "rsa")
+
+
+def dot_product_attention(
+    q_blhd: jax.Array,
+    k_blhd: jax.Array,
+    v_blhd: jax.Array,
+    *,
+    key_mask_bl: Optional[jax.Array] = None,
+    bias_bhqk: Optional[jax.Array] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    backend: str = "dense",
+    rsa_k: int = 4,
+    rsa_block_size: int = 64,
+    rsa_seed: int = 0,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[jax.Array] = None,
+    return_probs: bool = False,
+) -> tuple[jax.Array, Optional[jax.Array]]:
+  """Attends queries to keys and mixes values.
+
+  Args:
+    q_blhd: queries [batch, q_length, heads, head_dim].
+    k_blhd: keys [batch, kv_length, heads, head_dim].
+    v_blhd: values [batch, kv_length, heads, head_dim].
+    key_mask_bl: [batch, kv_length], nonzero where a key may be attended (padding mask).
+    bias_bhqk: additive bias broadcastable to [batch, heads, q_length, kv_length]
+      (T5's relative position bias).
+    causal: whether query i may only see keys j <= i.
+    scale: multiplies the scores; default 1/sqrt(head_dim). T5 passes 1.0.
+    backend: one of BACKENDS.
+    rsa_k, rsa_block_size, rsa_seed: Random Sparse Attention settings (backend 'rsa').
+    dropout_rate, dropout_rng: dropout on the attention probabilities (dense only;
+      no dropout when dropout_rng is None).
+    return_probs: also return the probabilities [batch, heads, q_length, kv_length].
+
+  Returns:
+    (out [batch, q_length, heads, head_dim], probs or None).
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown attention backend {backend!r}; known: {BACKENDS}")
+  if scale is None:
+    scale = q_blhd.shape[-1] ** -0.5
+  if backend == "rsa":
+    return _rsa_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
+                          bias_bhqk=bias_bhqk, causal=causal, scale=scale,
+                          rsa_k=rsa_k, rsa_block_size=rsa_block_size,
+                          rsa_seed=rsa_seed, return_probs=return_probs)
+  return _dense_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
+                          bias_bhqk=bias_bhqk, causal=causal, scale=scale,
+                          dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                          return_probs=return_probs)
+
+
+def attention_mask_bhqk(key_mask_bl: Optional[jax.Array], q_length: int,
+                        kv_length: int, causal: bool) -> Optional[jax.Array]:
+  """Boolean mask [batch or 1, 1, q_length, kv_length]: True where attending is allowed."""
+  mask = None
+  if key_mask_bl is not None:
+    mask = (key_mask_bl != 0)[:, None, None, :]
+  if causal:
+    # Queries are the last q_length positions of the keys (q_length < kv_length when
+    # decoding with a cache).
+    offset = kv_length - q_length
+    causal_qk = (jnp.arange(q_length)[:, None] + offset) >= jnp.arange(kv_length)[None, :]
+    causal_qk = causal_qk[None, None]
+    mask = causal_qk if mask is None else jnp.logical_and(mask, causal_qk)
+  return mask
+
+
+def _dense_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, scale,
+                     dropout_rate, dropout_rng, return_probs):
+  dtype = q_blhd.dtype
+  scores_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blhd, k_blhd,
+                           preferred_element_type=jnp.float32) * scale
+  if bias_bhqk is not None:
+    scores_bhqk = scores_bhqk + bias_bhqk.astype(jnp.float32)
+  mask = attention_mask_bhqk(key_mask_bl, q_blhd.shape[1], k_blhd.shape[1], causal)
+  if mask is not None:
+    # The most negative finite value (as transformers does), not -inf: a row with every
+    # key masked then averages uniformly instead of producing NaN.
+    scores_bhqk = jnp.where(mask, scores_bhqk, jnp.finfo(jnp.float32).min)
+  probs_bhqk = jax.nn.softmax(scores_bhqk, axis=-1)
+  mixed_bhqk = probs_bhqk
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_bhqk.shape)
+    mixed_bhqk = jnp.where(keep, probs_bhqk / (1.0 - dropout_rate), 0.0)
+  out_blhd = jnp.einsum("bhqk,bkhd->bqhd", mixed_bhqk.astype(dtype), v_blhd)
+  return out_blhd, (probs_bhqk if return_probs else None)
+
+
+def _rsa_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, scale,
+                   rsa_k, rsa_block_size, rsa_seed, return_probs):
+  del q_blhd, k_blhd, v_blhd, key_mask_bl, bias_bhqk, causal, scale
+  del rsa_k, rsa_block_size, rsa_seed, return_probs
+  raise ValueError("attention backend 'rsa' needs etjax.pallas.rsa, which this build "
+                   "does not include yet; use backend='dense'")

@@ -29,9 +29,11 @@ PRESETS: dict[str, Rules] = {
     "2d": (("batch", _BATCH), ("length", None), ("vocab", "model"), ("embed", "fsdp"),
            ("mlp", "model"), ("heads", "model"), ("kv", None), ("layers", None),
            ("stage", None), ("relpos_buckets", None), ("classes", None)),
-    # fsdp + tp + pipeline stages.
+    # fsdp + tp + pipeline stages. A scanned stack's [layers, ...] parameters are split
+    # into contiguous blocks over `stage`, which is exactly the [stage, layers/stage, ...]
+    # grouping the pipeline computes with, so no parameter moves between stages.
     "3d": (("batch", _BATCH), ("length", None), ("vocab", "model"), ("embed", "fsdp"),
-           ("mlp", "model"), ("heads", "model"), ("kv", None), ("layers", None),
+           ("mlp", "model"), ("heads", "model"), ("kv", None), ("layers", "stage"),
            ("stage", "stage"), ("relpos_buckets", None), ("classes", None)),
 }
 

@@ -1,0 +1,71 @@
+"""Tiny Linen modules with logical axes for the sharding tests (no etjax models)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_INIT = nn.initializers.normal(0.2)
+
+
+def _param(module, name, shape, names):
+  return module.param(name, nn.with_logical_partitioning(_INIT, names), shape)
+
+
+class TinyClassifier(nn.Module):
+  """Embedding, one attention-shaped projection, an MLP and a classifier head.
+
+  Returns logits [batch, classes].
+  """
+  vocab: int = 16
+  embed: int = 8
+  heads: int = 2
+  kv: int = 4
+  mlp: int = 16
+  classes: int = 4
+
+  @nn.compact
+  def __call__(self, input_ids_bl, deterministic: bool = True):
+    table_ve = _param(self, "embedding", (self.vocab, self.embed), ("vocab", "embed"))
+    x_bld = jnp.take(table_ve, input_ids_bl, axis=0)
+    x_bld = nn.with_logical_constraint(x_bld, ("batch", "length", "embed"))
+    wq_dhk = _param(self, "query", (self.embed, self.heads, self.kv),
+                    ("embed", "heads", "kv"))
+    wo_hkd = _param(self, "out", (self.heads, self.kv, self.embed),
+                    ("heads", "kv", "embed"))
+    q_blhk = jnp.einsum("bld,dhk->blhk", x_bld, wq_dhk)
+    x_bld = x_bld + jnp.einsum("blhk,hkd->bld", jnp.tanh(q_blhk), wo_hkd)
+    wi_df = _param(self, "wi", (self.embed, self.mlp), ("embed", "mlp"))
+    wo_fd = _param(self, "wo", (self.mlp, self.embed), ("mlp", "embed"))
+    x_bld = x_bld + jnp.einsum("blf,fd->bld", jax.nn.gelu(x_bld @ wi_df), wo_fd)
+    scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                               ("embed",)), (self.embed,))
+    head_dc = _param(self, "head", (self.embed, self.classes), ("embed", "classes"))
+    return jnp.mean(x_bld * scale_d, axis=1) @ head_dc
+
+
+class ResidualMlpLayer(nn.Module):
+  """A pipeline-interface layer: residual MLP block plus a masked mean from side_b.
+
+  Call: (x_bld, side_b, shared, deterministic) -> (x_bld, {'pooled_bd': [B, D]}).
+  side_b['mask_bl'] is a float [B, L] key mask; shared['bias_d'] a [D] bias added by
+  every layer to every example.
+  """
+  embed: int = 8
+  mlp: int = 16
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x_bld, side_b, shared, deterministic: bool):
+    wi_df = _param(self, "wi", (self.embed, self.mlp), ("embed", "mlp"))
+    wo_fd = _param(self, "wo", (self.mlp, self.embed), ("mlp", "embed"))
+    mask_bl = side_b["mask_bl"]
+    pooled_bd = (jnp.sum(x_bld * mask_bl[:, :, None], axis=1)
+                 / jnp.maximum(jnp.sum(mask_bl, axis=1, keepdims=True), 1.0))
+    h_blf = jax.nn.gelu(jnp.einsum("bld,df->blf", x_bld + pooled_bd[:, None, :], wi_df))
+    h_blf = nn.with_logical_constraint(h_blf, ("batch", "length", "mlp"))
+    h_blf = nn.Dropout(self.dropout_rate)(h_blf, deterministic=deterministic)
+    y_bld = x_bld + jnp.einsum("blf,fd->bld", h_blf, wo_fd) + shared["bias_d"]
+    y_bld = nn.with_logical_constraint(y_bld, ("batch", "length", "embed"))
+    return y_bld, {"pooled_bd": pooled_bd}

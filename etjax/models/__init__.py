@@ -1,1 +1,7 @@
-"""etjax.models."""
+"""The ModelZoo: Flax Linen models with logical-axis sharding and Hugging Face interop."""
+
+from etjax.models.bert import Encoder, EncoderOutput
+from etjax.models.config import EncoderConfig, config_from_dict
+from etjax.models.heads import ClassifierOutput, SequenceClassifier
+from etjax.models.hf import config_from_pretrained, from_pretrained, save_pretrained
+from etjax.models.zoo import create_model, get_config, list_models, module_for, register

@@ -1,0 +1,84 @@
+"""The scanned layer stack every encoder and decoder is built from.
+
+A layer is a Linen module class whose call is
+
+    layer(x_bld, side_b, shared, deterministic) -> (x_bld, outputs)
+
+where `side_b` is a dict of per-example arrays with a leading batch axis (key masks,
+encoder states) and `shared` a dict of arrays common to all examples (T5's relative
+position bias). `outputs` is a dict of per-layer arrays (hidden states, attention
+probabilities) that the scan stacks on a leading 'layers' axis.
+
+The stack scans the layer with `nn.scan`, so parameters carry a leading axis of length
+num_layers named 'layers', and compile time does not grow with depth. With
+`share_params` (ALBERT) one set of parameters is applied num_layers times. With
+`pipeline_stages > 1` the same parameters run through etjax.sharding.pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_layer(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+  """Wraps a layer class in rematerialization with the named policy ('none' = as is)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {policy!r}; known: {sorted(REMAT_POLICIES)}")
+  if policy == "none":
+    return layer_cls
+  # deterministic (argument 4, counting self) is a Python bool: keep it static.
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
+                  static_argnums=(4,))
+
+
+class LayerStack(nn.Module):
+  """num_layers applications of `layer_cls(**layer_kwargs)`.
+
+  Returns (x [batch, length, embed], outputs: dict of arrays [num_layers, ...]; empty in
+  pipeline mode).
+  """
+  layer_cls: Any
+  layer_kwargs: Mapping[str, Any]
+  num_layers: int
+  remat_policy: str = "none"
+  share_params: bool = False
+  pipeline_stages: int = 1
+  pipeline_microbatches: int = 1
+
+  @nn.compact
+  def __call__(self, x_bld: jax.Array, side_b: Mapping[str, jax.Array],
+               shared: Mapping[str, jax.Array], deterministic: bool = True):
+    if self.pipeline_stages > 1:
+      if self.share_params:
+        raise ValueError("pipeline parallelism needs one parameter set per layer; "
+                         "it cannot split a shared-parameter (ALBERT) stack into stages")
+      from etjax.sharding.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
+      x_bld, _ = Pipeline(layer_cls=self.layer_cls, layer_kwargs=dict(self.layer_kwargs),
+                          num_layers=self.num_layers, num_stages=self.pipeline_stages,
+                          num_microbatches=self.pipeline_microbatches,
+                          remat_policy=self.remat_policy, name="layers")(
+                              x_bld, dict(side_b), dict(shared), deterministic)
+      return x_bld, {}
+    layer_cls = remat_layer(self.layer_cls, self.remat_policy)
+    scanned = nn.scan(
+        layer_cls,
+        variable_axes={} if self.share_params else {"params": 0},
+        variable_broadcast="params" if self.share_params else False,
+        split_rngs={"params": not self.share_params, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(**self.layer_kwargs, name="layers")(
+        x_bld, dict(side_b), dict(shared), deterministic)

@@ -50,7 +50,7 @@ def test_preset_partition_specs(preset):
          for name, s in shardings["params"].items()}
   assert got == EXPECTED[preset]
   batch = partitioning.batch_sharding(mesh, rules_lib.get_rules(preset))
-  assert batch.spec == P(("data", "fsdp"))
+  assert batch.spec == P(("dcn_data", "data", "fsdp"))
 
 
 def test_3d_puts_layer_stacks_on_stage():

@@ -22,25 +22,7 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "everything": jax.checkpoint_policies.everything_saveable,
-}
-
-
-def remat_layer(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
-  """Wraps a layer class in rematerialization with the named policy ('none' = as is)."""
-  if policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {policy!r}; known: {sorted(REMAT_POLICIES)}")
-  if policy == "none":
-    return layer_cls
-  # deterministic (argument 4, counting self) is a Python bool: keep it static.
-  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
-                  static_argnums=(4,))
-
+from etjax.sharding.remat import remat_module
 
 class LayerStack(nn.Module):
   """num_layers applications of `layer_cls(**layer_kwargs)`.
@@ -70,7 +52,7 @@ class LayerStack(nn.Module):
                           remat_policy=self.remat_policy, name="layers")(
                               x_bld, dict(side_b), dict(shared), deterministic)
       return x_bld, {}
-    layer_cls = remat_layer(self.layer_cls, self.remat_policy)
+    layer_cls = remat_module(self.layer_cls, self.remat_policy)
     scanned = nn.scan(
         layer_cls,
         variable_axes={} if self.share_params else {"params": 0},

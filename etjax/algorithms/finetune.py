@@ -125,7 +125,7 @@ def step_from_loss(loss_fn: LossFn, init_fn: Callable[[jax.Array, Batch], Any],
     step_rng, rng = next_rng(state)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, step_rng, False)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
     return apply_gradients(state, grads, tx, rng=rng), metrics
 

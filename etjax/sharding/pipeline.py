@@ -1,0 +1,187 @@
+"""Pipeline parallelism over the 'stage' mesh axis (GPipe schedule).
+
+The plain layer stack (etjax.models.stack) scans one layer class over num_layers with
+parameters stacked on a leading 'layers' axis:
+
+    nn.scan(layer_cls, variable_axes={'params': 0},
+            split_rngs={'params': True, 'dropout': True},
+            in_axes=(nn.broadcast,) * 3, length=num_layers,
+            metadata_params={nn.PARTITION_NAME: 'layers'})
+
+with the layer interface `layer(x_bld, side_b, shared, deterministic) -> (x_bld, outputs)`.
+`Pipeline` holds EXACTLY those parameters (same tree paths, shapes and logical names;
+it shares its scope with such a scan, which also creates them at init), so one set of
+parameters runs either way. Applied, it groups the layers into S stages of L/S
+consecutive layers ([L, ...] -> [S, L/S, ...], stage dimension on the 'stage' logical
+axis), splits the batch into M microbatches (strided, see microbatch.py) and runs the
+GPipe schedule: at clock tick t stage s works on microbatch t - s, all stages at once
+(a vmap over the stage dimension, which the SPMD partitioner splits over the 'stage'
+mesh axis), and the stage outputs move one stage on with a roll of the stage
+dimension, which XLA lowers to a collective permute between neighbouring stages. After
+T = M + S - 1 ticks every microbatch has left the last stage. The backward pass is the
+reverse schedule, by differentiating the loop. Data and tensor parallelism compose
+through the other mesh axes: the microbatch dimension keeps the 'batch' sharding and
+the layer's own logical constraints and parameter shardings apply inside each stage.
+
+Idle stage slots (the bubble, a fraction (S-1)/(M+S-1) of the ticks) compute on
+placeholder inputs whose results are never used. Per-layer `outputs` are not collected
+in pipeline mode (the call returns (x_bld, None)); use the plain stack where a model
+needs per-layer hidden states. Only the 'params' collection is supported, and dropout
+masks come from the 'dropout' rng folded with the layer and microbatch index, so with
+dropout they differ from the plain stack's masks (deterministic runs are identical).
+Under a rules table that maps 'stage' to no mesh axis (every preset but 3d) the
+pipeline still computes the same function, with every device running every stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from etjax.sharding import microbatch
+from etjax.sharding.remat import remat_function, remat_module
+
+_FREE = PartitionSpec.UNCONSTRAINED
+
+
+def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
+  """Fraction of stage-ticks a GPipe schedule leaves idle: (S-1)/(M+S-1)."""
+  if num_stages < 1 or num_microbatches < 1:
+    raise ValueError(f"num_stages ({num_stages}) and num_microbatches "
+                     f"({num_microbatches}) must be >= 1")
+  return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+def scanned_layers(layer_cls: Any, num_layers: int, remat_policy: str = "none"):
+  """The plain stack's module class: `layer_cls` scanned over a 'layers' axis.
+
+  Returns a Linen module class; instantiate it with the layer's keyword arguments and
+  call it as (x_bld, side_b, shared, deterministic) -> (x_bld, outputs stacked [L, ...]).
+  """
+  return nn.scan(
+      remat_module(layer_cls, remat_policy),
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+
+
+def _constrain(tree: Any, leading: tuple) -> Any:
+  """Logical constraint: the given leading axes, every other dimension left free."""
+  return jax.tree.map(
+      lambda x: nn.with_logical_constraint(x, leading + (_FREE,) * (x.ndim - len(leading))),
+      tree)
+
+
+class Pipeline(nn.Module):
+  """num_layers applications of `layer_cls(**layer_kwargs)`, pipelined over stages.
+
+  Attributes:
+    layer_cls: the layer module class (interface in the module docstring).
+    layer_kwargs: keyword arguments of the layer.
+    num_layers: L, a multiple of num_stages.
+    num_stages: S, the size of the 'stage' mesh axis the stages run on.
+    num_microbatches: M; the batch must divide into M microbatches, and each
+      microbatch by the mesh axes that 'batch' maps to.
+    remat_policy: rematerialization per layer (etjax.sharding.remat names).
+  """
+  layer_cls: Any
+  layer_kwargs: Mapping[str, Any]
+  num_layers: int
+  num_stages: int
+  num_microbatches: int
+  remat_policy: str = "none"
+
+  def setup(self):
+    if self.num_stages < 1 or self.num_layers % self.num_stages:
+      raise ValueError(f"Pipeline: num_layers={self.num_layers} does not split into "
+                       f"num_stages={self.num_stages} equal stages")
+    if self.num_microbatches < 1:
+      raise ValueError(f"Pipeline: num_microbatches={self.num_microbatches} must be >= 1")
+    # Sharing the scope gives this module exactly the plain stack's parameters.
+    self.stack = scanned_layers(self.layer_cls, self.num_layers, self.remat_policy)(
+        **self.layer_kwargs)
+    nn.share_scope(self, self.stack)
+
+  def __call__(self, x_bld: jax.Array, side_b: Mapping[str, jax.Array],
+               shared: Mapping[str, jax.Array], deterministic: bool = True
+               ) -> tuple[jax.Array, None]:
+    """Returns (x_bld after all layers, None); x_bld keeps its shape [B, ...]."""
+    side_b, shared = dict(side_b), dict(shared)
+    if self.is_initializing():
+      x_bld, _ = self.stack(x_bld, side_b, shared, deterministic)
+      return x_bld, None
+    microbatch.check_divisible(x_bld.shape[0], self.num_microbatches,
+                               what="Pipeline: batch")
+    rng = None if deterministic else self.make_rng("dropout")
+    stage_params = self._stage_params()
+    x_bld = self._run(stage_params, x_bld, side_b, shared, deterministic, rng)
+    return x_bld, None
+
+  def _stage_params(self) -> Any:
+    """The stored [L, ...] parameters as [S, L/S, ...], stage dim on 'stage'."""
+    s, k = self.num_stages, self.num_layers // self.num_stages
+
+    def group(leaf):
+      names = getattr(leaf, "names", None)
+      value = nn.meta.unbox(leaf)
+      value = jnp.reshape(value, (s, k) + value.shape[1:])
+      rest = tuple(names[1:]) if names else (_FREE,) * (value.ndim - 2)
+      return nn.with_logical_constraint(value, ("stage", None) + rest)
+    return jax.tree.map(group, self.variables["params"],
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+  def _run(self, stage_params, x_bld, side_b, shared, deterministic, rng):
+    s, m = self.num_stages, self.num_microbatches
+    k = self.num_layers // s
+    layer = self.layer_cls(**self.layer_kwargs, parent=None)
+
+    def apply_layer(params, x, side, layer_rng):
+      rngs = {} if layer_rng is None else {"dropout": layer_rng}
+      y, _ = layer.apply({"params": params}, x, side, shared, deterministic, rngs=rngs)
+      return y
+    apply_layer = remat_function(apply_layer, self.remat_policy)
+
+    def run_stage(params_k, x, side, stage, micro):
+      """One stage's L/S layers on one microbatch: x [mb, ...] -> [mb, ...]."""
+      def body(x, inputs):
+        params, index = inputs
+        layer_rng = None
+        if rng is not None:
+          layer_rng = jax.random.fold_in(jax.random.fold_in(rng, stage * k + index), micro)
+        return apply_layer(params, x, side, layer_rng), None
+      x, _ = jax.lax.scan(body, x, (params_k, jnp.arange(k)))
+      return x
+    run_stages = jax.vmap(run_stage)
+
+    x_mbld = microbatch.split_microbatches(x_bld, m)
+    side_mb = microbatch.split_microbatches(side_b, m)
+    # Stage 0's input at tick t is microbatch t; after M ticks only placeholders.
+    feed_tbld = jnp.concatenate(
+        [x_mbld, jnp.zeros((s - 1,) + x_mbld.shape[1:], x_mbld.dtype)], axis=0)
+    stages = jnp.arange(s)
+
+    def tick(state_sbld, inputs):
+      t, feed_bld = inputs
+      # The roll moves stage s-1's output to stage s: a collective permute.
+      shifted = jnp.roll(state_sbld, 1, axis=0)
+      first = (stages == 0).reshape((s,) + (1,) * (shifted.ndim - 1))
+      in_sbld = jnp.where(first, feed_bld[None], shifted)
+      in_sbld = _constrain(in_sbld, ("stage", "batch"))
+      micro = jnp.clip(t - stages, 0, m - 1)
+      side_s = _constrain(jax.tree.map(lambda a: a[micro], side_mb), ("stage", "batch"))
+      out_sbld = run_stages(stage_params, in_sbld, side_s, stages, micro)
+      out_sbld = _constrain(out_sbld, ("stage", "batch"))
+      return out_sbld, out_sbld[s - 1]
+
+    state0 = _constrain(jnp.zeros((s,) + x_mbld.shape[1:], x_mbld.dtype),
+                        ("stage", "batch"))
+    _, last_tbld = jax.lax.scan(tick, state0, (jnp.arange(m + s - 1), feed_tbld))
+    # The last stage finishes microbatch t - (S - 1) at tick t.
+    return microbatch.merge_microbatches(last_tbld[s - 1:])

@@ -61,6 +61,13 @@ def test_kd_loss_matches_numpy(rng):
   want = np_mean(alpha * temp ** 2 * kl + (1 - alpha) * ce, mask, w)
   got = dl.kd_loss(s, t, y, temperature=temp, alpha=alpha, mask=mask, weight_b=w)
   np.testing.assert_allclose(got, want, rtol=RTOL)
+  # Ignore-index labels (-100) at masked positions change nothing, also under jit.
+  y_ignore = np.where(mask > 0, y, -100)
+  jitted = jax.jit(lambda s: dl.kd_loss(s, t, y_ignore, temperature=temp, alpha=alpha,
+                                        mask=mask, weight_b=w))
+  np.testing.assert_allclose(jitted(s), want, rtol=RTOL)
+  g = jax.grad(jitted)(s)
+  assert np.all(np.isfinite(g)) and np.all(g[mask == 0] == 0)
   # Pure soft loss needs no labels; equal logits give zero.
   assert abs(float(dl.kd_loss(t, t, temperature=temp))) < 1e-6
   with pytest.raises(ValueError, match="labels are required"):

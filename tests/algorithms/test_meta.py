@@ -144,3 +144,33 @@ def test_has_aux_zero_steps_and_errors():
     meta.meta_gradient(mlp_loss, params, s1, query, inner_lr=0.1, inner_steps=-1)
   with pytest.raises(ValueError, match="2 support batches given for inner_steps=3"):
     meta.meta_gradient(mlp_loss, params, [s1, s1], query, inner_lr=0.1, inner_steps=3)
+
+
+def test_boxed_flax_params_keep_their_boxes():
+  import flax.linen as nn
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ("embed", "classes")))(x)
+
+  params, (s1, _, query) = small_problem(3)
+  module = Tiny()
+  boxed = module.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+
+  def loss_fn(p, batch):
+    logits = module.apply({"params": p}, jnp.asarray(batch["x"], jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                         batch["y"][:, None], axis=1))
+
+  loss, grads = meta.meta_gradient(loss_fn, boxed, s1, query,
+                                   inner_optimizer=optax.sgd(0.1), inner_steps=2)
+  assert isinstance(grads["Dense_0"]["kernel"], nn.LogicallyPartitioned)
+  assert grads["Dense_0"]["kernel"].names == ("embed", "classes")
+  plain = nn.meta.unbox(boxed)
+  loss_plain, grads_plain = meta.meta_gradient(loss_fn, plain, s1, query, inner_lr=0.1,
+                                               inner_steps=2)
+  np.testing.assert_allclose(loss, loss_plain, rtol=1e-6)
+  np.testing.assert_allclose(grads["Dense_0"]["kernel"].value,
+                             grads_plain["Dense_0"]["kernel"], rtol=1e-5, atol=1e-7)

@@ -40,9 +40,14 @@ def _is_key(x) -> bool:
 
 
 def _to_savable(state: PyTree) -> PyTree:
-  """Unboxed state with typed PRNG keys as their raw uint32 data."""
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
-                      nn.meta.unbox(state))
+  """Unboxed state with typed PRNG keys as their raw uint32 data.
+
+  In one process the arrays are fetched to the host first: orbax otherwise slices
+  every replicated array per device, compiling a slice per shape and device.
+  """
+  plain = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
+                       nn.meta.unbox(state))
+  return jax.device_get(plain) if jax.process_count() == 1 else plain
 
 
 def _restore_target(abstract_state: PyTree, shardings: Optional[PyTree]) -> PyTree:

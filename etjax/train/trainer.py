@@ -1,0 +1,431 @@
+"""The trainer: runs any TrainStep on a mesh, evaluates, checkpoints and resumes.
+
+It knows nothing about algorithms. From `jax.eval_shape(train_step.init, ...)` it
+derives the state's shardings through a rules preset, jits `init`, `update` (donating
+the state) and `predict` once each with explicit shardings, and traces them under
+`jax.set_mesh(mesh)` and `flax.linen.logical_axis_rules(rules)` so the models'
+activation constraints resolve.
+
+    trainer = Trainer(step, workdir='/tmp/run', num_steps=1000, mesh='data=8',
+                      rules='dp', eval_every=200, checkpoint_every=200,
+                      keep_best_metric='accuracy')
+    result = trainer.fit(train_iter, eval_data)    # resumes if workdir has checkpoints
+
+Workdir layout: checkpoints/<step>/ (orbax), metrics.jsonl, tb/ (TensorBoard events),
+config.gin (when the caller gives one through `write_config`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import warnings
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from etjax.algorithms.step import TrainState, TrainStep
+from etjax.sharding import mesh as mesh_lib
+from etjax.sharding import partitioning, rules as rules_lib
+from etjax.train import checkpoints as ckpt_lib
+from etjax.train import logging as log_lib
+from etjax.train import metrics as metrics_lib
+
+Batch = Mapping[str, np.ndarray]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss; `step` says where."""
+
+  def __init__(self, step: int, loss: float, last_checkpoint: Optional[int]):
+    self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+    kept = ("no checkpoint was saved before it" if last_checkpoint is None else
+            f"the last good checkpoint, step {last_checkpoint}, is kept")
+    super().__init__(f"non-finite loss {loss} at step {step}; training stopped and "
+                     f"{kept}")
+
+
+class FitResult(NamedTuple):
+  """What `Trainer.fit` returns.
+
+  Attributes:
+    state: the final TrainState (on the mesh).
+    step: the number of updates applied.
+    train_metrics: the means of the update metrics over the last logging window.
+    eval_metrics: the last evaluation's metrics ({} if none ran).
+  """
+  state: TrainState
+  step: int
+  train_metrics: dict
+  eval_metrics: dict
+
+
+def _as_mesh(mesh: Mesh | str | Mapping[str, int] | None) -> Mesh:
+  if isinstance(mesh, Mesh):
+    return mesh
+  if isinstance(mesh, str):
+    mesh = mesh_lib.parse_mesh_spec(mesh)
+  return mesh_lib.make_mesh(mesh)
+
+
+def _is_array_field(x) -> bool:
+  return np.asarray(x).dtype.kind not in "OUSV"
+
+
+class Trainer:
+  """Fits, evaluates and predicts with one TrainStep under one mesh and rules table.
+
+  Args:
+    train_step: the TrainStep (init, update, predict).
+    workdir: directory for checkpoints, metrics.jsonl, tb/ and config.gin.
+    num_steps: the total number of updates of the run (a resumed run counts the
+      restored steps).
+    mesh: a Mesh, a spec such as 'data=2,model=4', axis sizes, or None (every device on
+      'data').
+    rules: a rules preset name ('dp', 'fsdp', 'tp', '2d', '3d') or a rules table.
+    seed: seeds the rng given to `train_step.init`.
+    eval_every: evaluate every this many steps (0: only at the end, when eval data is
+      given).
+    checkpoint_every: save every this many steps (0: only at the end).
+    keep_last: how many recent checkpoints to keep.
+    keep_best_metric: an eval metric ('accuracy', 'macro_f1', 'auc') whose best
+      checkpoint is kept as well; every evaluation then saves a checkpoint.
+    best_mode: 'max' or 'min' for `keep_best_metric`.
+    log_every: write train metrics every this many steps.
+    progress: show a tqdm progress bar.
+    tensorboard: write TensorBoard event files besides metrics.jsonl.
+  """
+
+  def __init__(self, train_step: TrainStep, *, workdir: str, num_steps: int,
+               mesh: Mesh | str | Mapping[str, int] | None = None,
+               rules: str | Sequence = "dp", seed: int = 0, eval_every: int = 0,
+               checkpoint_every: int = 0, keep_last: int = 2,
+               keep_best_metric: Optional[str] = None, best_mode: str = "max",
+               log_every: int = 50, progress: bool = True, tensorboard: bool = True):
+    for name, value in (("num_steps", num_steps), ("eval_every", eval_every),
+                        ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+      if value < 0 or (name in ("num_steps", "log_every") and value == 0):
+        raise ValueError(f"Trainer: {name} must be positive, got {value}")
+    self.train_step = train_step
+    self.workdir = os.path.abspath(workdir)
+    self.num_steps, self.seed = num_steps, seed
+    self.eval_every, self.checkpoint_every, self.log_every = (eval_every,
+                                                              checkpoint_every, log_every)
+    self.keep_best_metric, self.progress, self.tensorboard = (keep_best_metric, progress,
+                                                              tensorboard)
+    self.mesh = _as_mesh(mesh)
+    self.rules = rules_lib.get_rules(rules)
+    self.checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), keep_last=keep_last,
+        best_metric=keep_best_metric, best_mode=best_mode)
+    self._abstract = None
+
+  # --- set-up -------------------------------------------------------------------------
+
+  def _context(self) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def _setup(self, example_batch: Batch) -> None:
+    """Derives shardings from the abstract state and jits init/update/predict once."""
+    if self._abstract is not None:
+      return
+    batch = self._host_batch(example_batch)
+    rng = jax.random.key(self.seed)
+    with self._context():
+      self._abstract = jax.eval_shape(self.train_step.init, rng, batch)
+      self.state_sharding = partitioning.state_shardings(self._abstract, self.mesh,
+                                                         self.rules)
+    self.batch_sharding = partitioning.batch_sharding(self.mesh, self.rules)
+    self._batch_multiple = math.prod(
+        self.mesh.shape[a] for a in _axes(self.batch_sharding.spec[0]))
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    self._init = jax.jit(self.train_step.init, out_shardings=self.state_sharding)
+    self._update = jax.jit(self.train_step.update,
+                           in_shardings=(self.state_sharding, self.batch_sharding),
+                           out_shardings=(self.state_sharding, replicated),
+                           donate_argnums=0)
+    self._predict = None
+    if self.train_step.predict is not None:
+      self._predict = jax.jit(self.train_step.predict,
+                              in_shardings=(self.state_sharding, self.batch_sharding),
+                              out_shardings=replicated)
+
+  def _host_batch(self, batch: Batch) -> dict:
+    # Text columns (kept by some pipelines for `predict` output) stay on the host.
+    return {k: np.asarray(v) for k, v in batch.items() if _is_array_field(v)}
+
+  def _device_batch(self, batch: Batch) -> dict:
+    batch = self._host_batch(batch)
+    size = next(iter(batch.values())).shape[0]
+    if size % self._batch_multiple:
+      raise ValueError(f"batch size {size} (per process) is not divisible by the "
+                       f"{self._batch_multiple} batch shards of mesh "
+                       f"{dict(self.mesh.shape)} under the 'batch' rule")
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()}
+
+  def init_state(self, example_batch: Batch) -> TrainState:
+    """A fresh TrainState from `train_step.init`, laid out on the mesh."""
+    self._setup(example_batch)
+    with self._context():
+      return self._init(jax.random.key(self.seed), self._host_batch(example_batch))
+
+  def restore(self, example_batch: Batch, step: Optional[int] = None,
+              best: bool = False) -> TrainState:
+    """The state of a saved step (default: the latest good one; `best`: the best by
+    `keep_best_metric`), on the mesh. Raises FileNotFoundError without checkpoints."""
+    self._setup(example_batch)
+    if best:
+      step = self.checkpointer.best_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint with metric {self.keep_best_metric!r} "
+                                f"under {self.checkpointer.directory}")
+    state, _, _ = self.checkpointer.restore(self._abstract, self.state_sharding, step)
+    return state
+
+  def write_config(self, text: str, name: str = "config.gin") -> str:
+    """Writes the run's resolved config beside the checkpoints; an existing different
+    one is renamed to '<name>.<n>' (with a warning), never overwritten. Returns the path."""
+    path = os.path.join(self.workdir, name)
+    if jax.process_index() != 0:
+      return path
+    os.makedirs(self.workdir, exist_ok=True)
+    if os.path.exists(path):
+      with open(path) as f:
+        if f.read() == text:
+          return path
+      n = 1
+      while os.path.exists(f"{path}.{n}"):
+        n += 1
+      os.rename(path, f"{path}.{n}")
+      warnings.warn(f"{path} differed from this run's config; the old one is now "
+                    f"{path}.{n}", RuntimeWarning, stacklevel=2)
+    with open(path, "w") as f:
+      f.write(text)
+    return path
+
+  # --- training -----------------------------------------------------------------------
+
+  def _start(self, train_iter, first_batch: Batch) -> tuple[TrainState, int, bool]:
+    """(state, step, resumed): the latest good checkpoint, or a fresh state."""
+    if self.checkpointer.all_steps():
+      try:
+        state, data_state, step = self.checkpointer.restore(self._abstract,
+                                                            self.state_sharding)
+      except FileNotFoundError:
+        warnings.warn(f"no usable checkpoint under {self.checkpointer.directory}; "
+                      "starting from step 0", RuntimeWarning, stacklevel=3)
+      else:
+        if hasattr(train_iter, "set_state") and data_state:
+          train_iter.set_state(data_state)
+        else:
+          warnings.warn(f"resuming at step {step} without a data position: the train "
+                        "iterator has no set_state or none was saved", RuntimeWarning,
+                        stacklevel=3)
+        logging.info("resumed from %s at step %d", self.checkpointer.directory, step)
+        return state, step, True
+    return self.init_state(first_batch), 0, False
+
+  def fit(self, train_iter: Iterable[Batch], eval_data: Any = None) -> FitResult:
+    """Trains to `num_steps`, resuming from the workdir's latest good checkpoint.
+
+    Args:
+      train_iter: an iterator of batch dicts; with `get_state`/`set_state` its position
+        is checkpointed and restored (exact resumption).
+      eval_data: batches for `evaluate` (re-iterable, or a callable returning an
+        iterator), or None.
+
+    Returns:
+      A FitResult.
+
+    Raises:
+      NonFiniteLossError: a NaN/inf loss; the last good checkpoint stays on disk.
+    """
+    train_iter = iter(train_iter)
+    first = next(train_iter)
+    self._setup(first)
+    state, step, resumed = self._start(train_iter, first)
+    writer = log_lib.MetricsWriter(self.workdir, tensorboard=self.tensorboard)
+    bar = log_lib.Progress(self.num_steps, step, enabled=self.progress)
+    window = _Window()
+    eval_metrics: dict = {}
+    train_metrics: dict = {}
+    pending = None  # (step, metrics, examples) of an update not yet checked on the host
+    last_saved = step if resumed else None
+    try:
+      while step < self.num_steps:
+        if not resumed and step == 0:
+          batch = first
+        else:
+          try:
+            batch = next(train_iter)
+          except StopIteration:
+            warnings.warn(f"train data ended at step {step} before num_steps="
+                          f"{self.num_steps}", RuntimeWarning, stacklevel=2)
+            break
+        device_batch = self._device_batch(batch)
+        with self._context():
+          state, metrics = self._update(state, device_batch)
+        step += 1
+        # Checking the previous step's loss only now keeps one update in flight.
+        if pending is not None:
+          window.add(*pending, bar)
+        pending = (step, metrics, _global_size(device_batch))
+        evaluate_now = eval_data is not None and (
+            step == self.num_steps or (self.eval_every and step % self.eval_every == 0))
+        save_now = (step == self.num_steps or evaluate_now and self.keep_best_metric or
+                    (self.checkpoint_every and step % self.checkpoint_every == 0))
+        # Sync on the first update (compile time stays out of the throughput) and
+        # wherever the state itself is needed.
+        if not (window.started is None or step % self.log_every == 0 or evaluate_now or
+                save_now):
+          continue
+        window.add(*pending, bar)
+        pending = None
+        if step % self.log_every == 0 or step == self.num_steps:
+          train_metrics = window.flush(writer, step, bar)
+        paused = time.perf_counter()
+        if evaluate_now:
+          eval_metrics = self.evaluate(state, eval_data)
+          writer.write(step, "eval", eval_metrics)
+        if save_now:
+          data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+          self.checkpointer.save(step, state, data_state,
+                                 eval_metrics if evaluate_now else None)
+          last_saved = step
+        window.excluded += time.perf_counter() - paused
+      if pending is not None:
+        window.add(*pending, bar)
+      if last_saved != step:
+        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+        self.checkpointer.save(step, state, data_state)
+    except _NonFinite as e:
+      raise NonFiniteLossError(e.step, e.loss, last_saved) from None
+    finally:
+      bar.close()
+      writer.close()
+    return FitResult(state, step, train_metrics or window.means(), eval_metrics)
+
+  # --- evaluation and prediction ------------------------------------------------------
+
+  def _run_predict(self, state: TrainState, data: Any) -> tuple[dict, dict]:
+    """Runs `predict` over every batch; returns (outputs, host batch columns), each
+    concatenated over batches with the trainer's padding rows removed."""
+    if self._predict is None:
+      raise ValueError("this TrainStep has no predict function")
+    batches = iter(data() if callable(data) else data)
+    outputs: dict[str, list] = {}
+    columns: dict[str, list] = {}
+    padded_size = None
+    for batch in batches:
+      host = self._host_batch(batch)
+      size = next(iter(host.values())).shape[0]
+      if "weight" not in host:
+        host["weight"] = np.ones(size, np.float32)
+      if padded_size is None or size > padded_size:
+        padded_size = -(-size // self._batch_multiple) * self._batch_multiple
+      # Pad with copies of the first row (weight 0): real inputs keep every model's
+      # arithmetic finite, and one shape means one compilation.
+      padded = {k: np.concatenate([v, np.repeat(v[:1], padded_size - size, 0)])
+                for k, v in host.items()}
+      padded["weight"][size:] = 0
+      with self._context():
+        out = jax.device_get(self._predict(state, self._device_batch(padded)))
+      for k, v in out.items():
+        outputs.setdefault(k, []).append(np.asarray(v)[:size])
+      for k, v in host.items():
+        columns.setdefault(k, []).append(v)
+    if not columns:
+      raise ValueError("the evaluation/prediction data yielded no batches (an exhausted "
+                       "iterator? pass a re-iterable or a callable returning one)")
+    return ({k: np.concatenate(v) for k, v in outputs.items()},
+            {k: np.concatenate(v) for k, v in columns.items()})
+
+  def evaluate(self, state: TrainState, eval_data: Any) -> dict[str, float]:
+    """{'accuracy', 'macro_f1', 'auc', 'num_examples'} of `state` over `eval_data`
+    (rows of weight 0 ignored)."""
+    outputs, columns = self._run_predict(state, eval_data)
+    if "logits" not in outputs or "labels" not in columns:
+      raise ValueError("evaluate needs 'logits' from predict and 'labels' in the batches")
+    return metrics_lib.classification_metrics(outputs["logits"], columns["labels"],
+                                              columns["weight"])
+
+  def predict(self, state: TrainState, data: Any) -> dict[str, np.ndarray]:
+    """Every output of `predict` as [N, ...] numpy arrays over the rows of `data` with
+    weight > 0 (a pipeline's padding dropped), plus 'predictions' [N] (argmax of
+    'logits') and 'probabilities' [N, C] (softmax) when logits are present."""
+    outputs, columns = self._run_predict(state, data)
+    keep = columns["weight"] > 0
+    result = {k: v[keep] for k, v in outputs.items()}
+    if "logits" in result:
+      logits = result["logits"].astype(np.float64)
+      result["predictions"] = np.argmax(logits, axis=-1)
+      exp = np.exp(logits - logits.max(-1, keepdims=True))
+      result["probabilities"] = (exp / exp.sum(-1, keepdims=True)).astype(np.float32)
+    return result
+
+
+def _global_size(batch: Mapping[str, jax.Array]) -> int:
+  return int(next(iter(batch.values())).shape[0])
+
+
+def _axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+class _NonFinite(Exception):
+
+  def __init__(self, step, loss):
+    super().__init__(step, loss)
+    self.step, self.loss = step, loss
+
+
+class _Window:
+  """Host-side sums of update metrics between two log points, and the throughput."""
+
+  def __init__(self):
+    self.count, self.examples, self.sums = 0, 0, {}
+    self.started = None
+    self.excluded = 0.0  # seconds spent evaluating and saving, not training
+
+  def add(self, step: int, metrics, examples: int, bar: log_lib.Progress) -> None:
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(host["loss"]):
+      raise _NonFinite(step, host["loss"])
+    if self.started is None:
+      # The first update includes compilation; throughput is timed from its end.
+      self.started = time.perf_counter()
+    else:
+      self.count += 1
+      self.examples += examples
+      for k, v in host.items():
+        self.sums[k] = self.sums.get(k, 0.0) + v
+    bar.update(1, loss=host["loss"])
+
+  def means(self) -> dict:
+    return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+
+  def flush(self, writer: log_lib.MetricsWriter, step: int,
+            bar: log_lib.Progress) -> dict:
+    result = self.means()
+    if self.count:
+      elapsed = max(time.perf_counter() - self.started - self.excluded, 1e-9)
+      result["examples_per_s"] = self.examples / elapsed
+      result["steps_per_s"] = self.count / elapsed
+      writer.write(step, "train", result)
+      bar.update(0, loss=result.get("loss", float("nan")),
+                 ex_per_s=result["examples_per_s"])
+    self.count, self.examples, self.sums = 0, 0, {}
+    self.started, self.excluded = time.perf_counter(), 0.0
+    return result

@@ -10,10 +10,15 @@ argument picks the implementation:
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from etjax.pallas import rsa, rsa_xla
 
 BACKENDS = ("dense", "rsa")
 
@@ -48,8 +53,8 @@ def dot_product_attention(
     scale: multiplies the scores; default 1/sqrt(head_dim). T5 passes 1.0.
     backend: one of BACKENDS.
     rsa_k, rsa_block_size, rsa_seed: Random Sparse Attention settings (backend 'rsa').
-    dropout_rate, dropout_rng: dropout on the attention probabilities (dense only;
-      no dropout when dropout_rng is None).
+    dropout_rate, dropout_rng: dropout on the attention probabilities (no dropout
+      when dropout_rng is None; with 'rsa' it runs RSA's XLA path, see _rsa_attention).
     return_probs: also return the probabilities [batch, heads, q_length, kv_length].
 
   Returns:
@@ -63,7 +68,8 @@ def dot_product_attention(
     return _rsa_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
                           bias_bhqk=bias_bhqk, causal=causal, scale=scale,
                           rsa_k=rsa_k, rsa_block_size=rsa_block_size,
-                          rsa_seed=rsa_seed, return_probs=return_probs)
+                          rsa_seed=rsa_seed, dropout_rate=dropout_rate,
+                          dropout_rng=dropout_rng, return_probs=return_probs)
   return _dense_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
                           bias_bhqk=bias_bhqk, causal=causal, scale=scale,
                           dropout_rate=dropout_rate, dropout_rng=dropout_rng,
@@ -107,9 +113,89 @@ def _dense_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, 
   return out_blhd, (probs_bhqk if return_probs else None)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_layout(heads: int, length: int, block_size: int, k: int, seed: int,
+                   causal: bool) -> np.ndarray:
+  layout = rsa.make_layout(heads, length, block_size, k, seed, causal=causal)
+  layout.flags.writeable = False      # shared by every call with these settings
+  return layout
+
+
 def _rsa_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, scale,
-                   rsa_k, rsa_block_size, rsa_seed, return_probs):
-  del q_blhd, k_blhd, v_blhd, key_mask_bl, bias_bhqk, causal, scale
-  del rsa_k, rsa_block_size, rsa_seed, return_probs
-  raise ValueError("attention backend 'rsa' needs etjax.pallas.rsa, which this build "
-                   "does not include yet; use backend='dense'")
+                   rsa_k, rsa_block_size, rsa_seed, dropout_rate, dropout_rng,
+                   return_probs):
+  """Random Sparse Attention (etjax.pallas.rsa) for self-attention.
+
+  - Layout: `make_layout(heads, kv_length, rsa_block_size, rsa_k, rsa_seed, causal)`,
+    the same in every layer with these settings; lengths must be multiples of
+    rsa_block_size (a ValueError says so). rsa_k=1 is dense attention.
+  - Implementation: rsa's 'auto' backend (Pallas kernels on GPU/TPU, the XLA gather
+    path on CPU). Under a mesh of several devices the kernels run per device through
+    shard_map (heads on 'model', batch on 'data'/'fsdp') when the sizes divide.
+  - Attention-probability dropout: the kernels have none, so while dropout is active
+    the XLA path (block-sparse, with dropout) runs instead.
+  - return_probs: computed on the dense reference path (O(n^2)); the probabilities are
+    zero outside the layout's blocks. Meant for distillation and inspection.
+  - Decoding with a cache (causal, q_length < kv_length): the queries are the last
+    positions; their layout rows are expanded to a mask over the cache.
+  - Cross-attention (not causal, q_length != kv_length) has no block layout and runs
+    dense.
+  - A query row that may attend to nothing gets zeros (the dense branch averages).
+  """
+  b, lq, h, _ = q_blhd.shape
+  lk = k_blhd.shape[1]
+  if lq != lk and not causal:
+    return _dense_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
+                            bias_bhqk=bias_bhqk, causal=False, scale=scale,
+                            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                            return_probs=return_probs)
+  rsa.num_blocks(lk, rsa_block_size, "RSA attention length (rsa_block_size)")
+  layout = _cached_layout(h, lk, rsa_block_size, rsa_k, rsa_seed, causal)
+  bias = None
+  if bias_bhqk is not None:
+    bias = jnp.broadcast_to(bias_bhqk, (bias_bhqk.shape[0] if bias_bhqk.ndim == 4
+                                        else 1, h, lq, lk))
+  if return_probs or lq != lk:
+    return _rsa_masked_dense(q_blhd, k_blhd, v_blhd, layout, key_mask_bl, bias,
+                             causal, scale, rsa_block_size, dropout_rate,
+                             dropout_rng, return_probs)
+  common = dict(block_size=rsa_block_size, mask=key_mask_bl, bias=bias,
+                causal=causal, scale=scale)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    out = rsa.rsa_attention(q_blhd, k_blhd, v_blhd, layout, backend="xla",
+                            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                            **common)
+    return out, None
+  mesh = jax.sharding.get_abstract_mesh()
+  if (rsa.resolve_backend("auto") != "xla" and not mesh.empty and mesh.size > 1
+      and _divides(mesh, b, ("data", "fsdp")) and _divides(mesh, h, ("model",))):
+    return rsa.rsa_attention_sharded(q_blhd, k_blhd, v_blhd, layout, **common), None
+  return rsa.rsa_attention(q_blhd, k_blhd, v_blhd, layout, **common), None
+
+
+def _divides(mesh, n: int, axes) -> bool:
+  return n % math.prod(mesh.shape[a] for a in axes if a in mesh.axis_names) == 0
+
+
+def _rsa_masked_dense(q_blhd, k_blhd, v_blhd, layout, key_mask_bl, bias, causal,
+                      scale, block_size, dropout_rate, dropout_rng, return_probs):
+  """RSA computed densely: scores masked by the layout's blocks (queries are the last
+  q_length positions). Returns (out [B, Lq, H, D], probs [B, H, Lq, Lk] or None)."""
+  lq, lk = q_blhd.shape[1], k_blhd.shape[1]
+  block_mask_hqk = rsa.expand_layout(layout, block_size, lk)[:, lk - lq:]
+  allowed = block_mask_hqk[None]
+  mask = attention_mask_bhqk(key_mask_bl, lq, lk, causal)
+  if mask is not None:
+    allowed = allowed & mask
+  scores_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blhd, k_blhd,
+                           preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    scores_bhqk = scores_bhqk + bias.astype(jnp.float32)
+  allowed = jnp.broadcast_to(allowed, scores_bhqk.shape)
+  probs_bhqk = rsa_xla.masked_softmax(scores_bhqk, allowed)
+  mixed_bhqk = probs_bhqk
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_bhqk.shape)
+    mixed_bhqk = jnp.where(keep, probs_bhqk / (1.0 - dropout_rate), 0.0)
+  out_blhd = jnp.einsum("bhqk,bkhd->bqhd", mixed_bhqk.astype(q_blhd.dtype), v_blhd)
+  return out_blhd, (probs_bhqk if return_probs else None)

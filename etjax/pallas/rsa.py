@@ -139,13 +139,18 @@ def _rsa_core_bwd(cfg, impl, res, do):
 _rsa_core.defvjp(_rsa_core_fwd, _rsa_core_bwd)
 
 
-def _attend(q, k, v, tables: Tables, *, block_size, mask, bias, causal, scale, impl):
+def _attend(q, k, v, tables: Tables, *, block_size, mask, bias, causal, scale, impl,
+            dropout_rate=0.0, dropout_rng=None):
   """rsa_attention on prepared tables (shared by the plain and sharded entries)."""
   d = q.shape[-1]
   scale = d ** -0.5 if scale is None else float(scale)
   if impl == "xla":
     return xla_rsa(q, k, v, tables.layout, block_size=block_size, mask=mask,
-                   bias=bias, causal=causal, scale=scale)
+                   bias=bias, causal=causal, scale=scale, dropout_rate=dropout_rate,
+                   dropout_rng=dropout_rng)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    raise ValueError("RSA: the Pallas kernels have no attention dropout; use "
+                     "backend='xla' for dropout on the attention probabilities")
   _check_kernel_shapes(impl, block_size, k.shape[1], d)
   cfg = KernelConfig(block_size=block_size, causal=bool(causal), scale=scale,
                      has_mask=mask is not None, has_bias=bias is not None,
@@ -158,7 +163,8 @@ def _attend(q, k, v, tables: Tables, *, block_size, mask, bias, causal, scale, i
 
 def rsa_attention(q, k, v, layout, *, block_size: int, mask=None, bias=None,
                   causal: bool = False, scale: Optional[float] = None,
-                  backend: str = "auto") -> jax.Array:
+                  backend: str = "auto", dropout_rate: float = 0.0,
+                  dropout_rng=None) -> jax.Array:
   """Random sparse attention of q over the key blocks the layout selects.
 
   Args:
@@ -171,6 +177,8 @@ def rsa_attention(q, k, v, layout, *, block_size: int, mask=None, bias=None,
     causal: also mask keys after each query position.
     scale: score scale; default 1 / sqrt(D) (T5 passes 1.0).
     backend: one of BACKENDS (see the module docstring).
+    dropout_rate, dropout_rng: dropout on the attention probabilities, 'xla'
+      backend only (none when dropout_rng is None).
 
   Returns:
     [B, Lq, H, D] in q's dtype; rows that may attend nothing are zeros.
@@ -178,7 +186,8 @@ def rsa_attention(q, k, v, layout, *, block_size: int, mask=None, bias=None,
   nk = _validate(q, k, v, layout, block_size, mask, bias)
   impl = resolve_backend(backend)
   return _attend(q, k, v, make_tables(layout, nk), block_size=block_size, mask=mask,
-                 bias=bias, causal=causal, scale=scale, impl=impl)
+                 bias=bias, causal=causal, scale=scale, impl=impl,
+                 dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def _mesh_axes(mesh, names: Sequence[str]):

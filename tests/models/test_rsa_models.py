@@ -1,0 +1,116 @@
+"""Models with attention='rsa' (Random Sparse Attention) against dense and the
+dense block-masked path, and the 'rsa' branch of models.attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from etjax.models import Encoder, EncoderConfig
+from etjax.models.attention import dot_product_attention
+from etjax.pallas.rsa import expand_layout, make_layout, reference_rsa
+
+
+def rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _encoder_inputs(seq, batch=2, vocab=97, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = jnp.asarray(rng.integers(1, vocab, (batch, seq)), jnp.int32)
+  mask = np.ones((batch, seq), np.int32)
+  mask[1, seq - seq // 3:] = 0                  # padded tail in one example
+  return ids, jnp.asarray(mask)
+
+
+def _tiny(model_type, **kw):
+  extra = dict(embedding_size=16, share_layers=True) if model_type == "albert" else {}
+  return EncoderConfig(model_type=model_type, vocab_size=97, hidden_size=32,
+                       num_layers=2, num_heads=4, intermediate_size=64,
+                       max_position_embeddings=128, rsa_block_size=8, **extra, **kw)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "albert"])
+def test_rsa_k1_encoder_equals_dense(model_type):
+  ids, mask = _encoder_inputs(32)
+  dense = Encoder(_tiny(model_type))
+  params = dense.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  want = dense.apply({"params": params}, ids, mask).last_hidden_state
+  got = Encoder(_tiny(model_type, attention="rsa", rsa_k=1)).apply(
+      {"params": params}, ids, mask).last_hidden_state
+  assert rel_err(got, want) <= 1e-5
+
+
+def test_rsa_k4_bert_forward_backward_and_attentions_follow_the_layout():
+  ids, mask = _encoder_inputs(64)
+  model = Encoder(_tiny("bert", attention="rsa", rsa_k=4))
+  params = model.init(jax.random.PRNGKey(1), ids, mask)["params"]
+  out = model.apply({"params": params}, ids, mask, output_attentions=True)
+  plain = model.apply({"params": params}, ids, mask).last_hidden_state
+  # output_attentions runs the dense block-masked path; the default runs the
+  # block-sparse one: two independent computations of the same layer stack.
+  assert rel_err(plain, out.last_hidden_state) <= 1e-5
+  block_mask = np.asarray(expand_layout(make_layout(4, 64, 8, 4, 0), 8, 64))
+  probs = np.asarray(out.attentions)                       # [layers, B, H, L, L]
+  assert np.all(probs[..., ~block_mask] == 0.0)            # broadcast over layers, B
+  assert np.any(probs[..., block_mask] > 0.0)
+
+  def loss(params, rng):
+    o = model.apply({"params": params}, ids, mask, deterministic=False,
+                    rngs={"dropout": rng})
+    return jnp.mean(o.last_hidden_state ** 2)
+
+  grads = jax.grad(loss)(params, jax.random.PRNGKey(2))  # dropout: RSA's XLA path
+  leaves = jax.tree.leaves(grads)
+  assert all(np.all(np.isfinite(g)) for g in leaves)
+  q_kernel = grads["encoder"]["layers"]["attention"]["query"]["kernel"]
+  assert np.abs(np.asarray(jax.tree.leaves(q_kernel)[0])).sum() > 0
+
+
+def _qkv(b, lq, lk, h, d, seed):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((b, lq, h, d)), jnp.float32),
+          jnp.asarray(rng.standard_normal((b, lk, h, d)), jnp.float32),
+          jnp.asarray(rng.standard_normal((b, lk, h, d)), jnp.float32))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rsa_branch_matches_reference_with_t5_bias_and_probs(causal):
+  b, length, h, d, bs = 2, 32, 2, 8, 8
+  q, k, v = _qkv(b, length, length, h, d, 3)
+  bias = jnp.asarray(np.random.default_rng(4).standard_normal((1, h, length, length)),
+                     jnp.float32)
+  mask = jnp.asarray(np.arange(length)[None] < np.array([[length], [20]]))
+  kw = dict(key_mask_bl=mask, bias_bhqk=bias, causal=causal, scale=1.0,
+            backend="rsa", rsa_k=2, rsa_block_size=bs, rsa_seed=5)
+  out, probs = dot_product_attention(q, k, v, **kw)
+  assert probs is None
+  layout = make_layout(h, length, bs, 2, 5, causal=causal)
+  want, want_probs = reference_rsa(q, k, v, layout, block_size=bs, mask=mask,
+                                   bias=bias, causal=causal, scale=1.0,
+                                   return_probs=True)
+  assert rel_err(out, want) <= 1e-5
+  out2, probs2 = dot_product_attention(q, k, v, return_probs=True, **kw)
+  assert rel_err(out2, want) <= 1e-5 and rel_err(probs2, want_probs) <= 1e-5
+
+
+def test_rsa_decoding_with_a_cache_matches_the_full_sequence():
+  b, length, h, d, bs = 1, 32, 2, 8, 8
+  q, k, v = _qkv(b, length, length, h, d, 6)
+  kw = dict(causal=True, backend="rsa", rsa_k=2, rsa_block_size=bs)
+  full, _ = dot_product_attention(q, k, v, **kw)
+  last, _ = dot_product_attention(q[:, -3:], k, v, **kw)   # 3 new queries, full cache
+  assert rel_err(last, full[:, -3:]) <= 1e-5
+
+
+def test_rsa_cross_attention_runs_dense_and_bad_length_is_named():
+  q, k, v = _qkv(2, 16, 24, 2, 8, 7)
+  got, _ = dot_product_attention(q, k, v, backend="rsa", rsa_block_size=8)
+  want, _ = dot_product_attention(q, k, v, backend="dense")
+  assert rel_err(got, want) <= 1e-5
+  q, k, v = _qkv(2, 20, 20, 2, 8, 7)
+  with pytest.raises(ValueError, match="rsa_block_size"):
+    dot_product_attention(q, k, v, backend="rsa", rsa_block_size=8)

@@ -199,9 +199,9 @@ def _review(rng: np.random.Generator, domain: str, product: str, polarity: int, 
 
 
 def _noisy(rng: np.random.Generator, label: int, num_classes: int, noise: float) -> int:
-  if noise and rng.random() < noise:
-    return int((label + rng.integers(1, num_classes)) % num_classes)
-  return label
+  # Both draws happen at every noise level, so the texts do not depend on it.
+  flip, shift = rng.random() < noise, int(rng.integers(1, num_classes))
+  return (label + shift) % num_classes if flip else label
 
 
 def _check_common(n: int, label_noise: float):

@@ -1,0 +1,24 @@
+"""One process of the 2-process test job (started by launch/local.py); see test_multihost."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# pylint: disable=g-import-not-at-top
+from etjax.sharding import distributed
+
+assert distributed.initialize(), "expected JAX_COORDINATOR_ADDRESS etc. from the launcher"
+
+import jax
+import numpy as np
+
+import sharding_testlib
+
+assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+params = sharding_testlib.dp_train()
+index, count = distributed.process_shard()
+flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+np.savez(os.path.join(sys.argv[1], f"params_{index}_of_{count}.npz"), **flat)
+print(f"process {index} of {count} done")

@@ -217,12 +217,10 @@ def _iter_delimited(path: str, f, fmt: str, schema: Schema) -> Iterator[Row]:
     yield Row(line_no, fields)
 
 
-def _field(path: str, row: Row, role: str, col: Column, optional: bool) -> str | None:
-  """Returns the string in column `col`, or raises RowError naming it."""
+def _field(path: str, row: Row, role: str, col: Column) -> str:
+  """Returns the non-empty string in column `col`, or raises RowError naming it."""
   assert row.fields is not None
   if col not in row.fields or row.fields[col] is None:
-    if optional:
-      return None
     raise RowError(f'{path}:{row.line}: column {col!r} ({role}) is missing')
   value = row.fields[col]
   if isinstance(value, bool):
@@ -275,8 +273,7 @@ def rows_to_examples(
       fail(row.line, f'{path}:{row.line}: {row.error}')
       continue
     try:
-      values = {role: _field(path, row, role, col, optional=False)
-                for role, col in fields.items()}
+      values = {role: _field(path, row, role, col) for role, col in fields.items()}
     except RowError as e:
       fail(row.line, str(e))
       continue
@@ -288,6 +285,9 @@ def rows_to_examples(
   if 'domain' in fields and domain_vocab is None:
     domain_vocab = _vocab([v['domain'] for _, v in parsed])
   domain_vocab = tuple(domain_vocab or ())
+  for name, vocab in (('label_vocab', label_vocab), ('domain_vocab', domain_vocab)):
+    if len(set(vocab)) != len(vocab):
+      raise ValueError(f'{name} has repeated entries: {list(vocab)}')
   label_ids = {s: i for i, s in enumerate(label_vocab)}
   domain_ids = {s: i for i, s in enumerate(domain_vocab)}
 
@@ -309,6 +309,7 @@ def rows_to_examples(
                             label_str=v['label']))
 
   num_rows = len(rows)
+  skipped.sort()
   if not examples:
     if num_rows == 0:
       raise ValueError(f'{path}: the file has no data rows')

@@ -130,6 +130,9 @@ def test_vocab_from_train_is_reused(tmp_path):
   dev = etdata.read_tsv(_write(tmp_path, 'dv.tsv', 't\tl\nc\tz\n'), schema,
                         label_vocab=train.label_vocab)
   assert train.label_vocab == ('y', 'z') and dev.examples[0].label == 1
+  with pytest.raises(ValueError, match='label_vocab has repeated entries'):
+    etdata.read_tsv(_write(tmp_path, 'd2.tsv', 't\tl\nc\tz\n'), schema,
+                    label_vocab=('z', 'z'))
 
 
 def test_debian_descriptions():

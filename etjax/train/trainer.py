@@ -256,7 +256,7 @@ class Trainer:
     state, step, resumed = self._start(train_iter, first)
     writer = log_lib.MetricsWriter(self.workdir, tensorboard=self.tensorboard)
     bar = log_lib.Progress(self.num_steps, step, enabled=self.progress)
-    window = _Window()
+    window = log_lib.ThroughputWindow()
     eval_metrics: dict = {}
     train_metrics: dict = {}
     pending = None  # (step, metrics, examples) of an update not yet checked on the host
@@ -308,7 +308,7 @@ class Trainer:
       if last_saved != step:
         data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
         self.checkpointer.save(step, state, data_state)
-    except _NonFinite as e:
+    except log_lib.NonFiniteValue as e:
       raise NonFiniteLossError(e.step, e.loss, last_saved) from None
     finally:
       bar.close()
@@ -382,50 +382,3 @@ def _axes(entry) -> tuple[str, ...]:
   if entry is None:
     return ()
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-class _NonFinite(Exception):
-
-  def __init__(self, step, loss):
-    super().__init__(step, loss)
-    self.step, self.loss = step, loss
-
-
-class _Window:
-  """Host-side sums of update metrics between two log points, and the throughput."""
-
-  def __init__(self):
-    self.count, self.examples, self.sums = 0, 0, {}
-    self.started = None
-    self.excluded = 0.0  # seconds spent evaluating and saving, not training
-
-  def add(self, step: int, metrics, examples: int, bar: log_lib.Progress) -> None:
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(host["loss"]):
-      raise _NonFinite(step, host["loss"])
-    if self.started is None:
-      # The first update includes compilation; throughput is timed from its end.
-      self.started = time.perf_counter()
-    else:
-      self.count += 1
-      self.examples += examples
-      for k, v in host.items():
-        self.sums[k] = self.sums.get(k, 0.0) + v
-    bar.update(1, loss=host["loss"])
-
-  def means(self) -> dict:
-    return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
-
-  def flush(self, writer: log_lib.MetricsWriter, step: int,
-            bar: log_lib.Progress) -> dict:
-    result = self.means()
-    if self.count:
-      elapsed = max(time.perf_counter() - self.started - self.excluded, 1e-9)
-      result["examples_per_s"] = self.examples / elapsed
-      result["steps_per_s"] = self.count / elapsed
-      writer.write(step, "train", result)
-      bar.update(0, loss=result.get("loss", float("nan")),
-                 ex_per_s=result["examples_per_s"])
-    self.count, self.examples, self.sums = 0, 0, {}
-    self.started, self.excluded = time.perf_counter(), 0.0
-    return result

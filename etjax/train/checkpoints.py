@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -70,6 +71,24 @@ def _from_restored(abstract_state: PyTree, restored: PyTree) -> PyTree:
   leaves = [jax.random.wrap_key_data(r, impl=a.dtype._impl) if _is_key(a) else r
             for a, r in zip(abstract_leaves, jax.tree.leaves(restored))]
   return jax.tree.unflatten(treedef, leaves)
+
+
+def _gather_data_states(data_state: dict) -> dict:
+  """{process index (str): its data iterator state} for every process.
+
+  Each process reads its own shard of the data, so each has its own position; orbax
+  writes JSON items from the primary process only, so the states are gathered first.
+  """
+  if jax.process_count() == 1:
+    return {"0": data_state}
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([mine.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:mine.size] = mine
+  everyone = multihost_utils.process_allgather(padded)
+  return {str(i): json.loads(bytes(everyone[i, :lengths[i]]))
+          for i in range(jax.process_count())}
 
 
 def _crc32(path: str) -> int:
@@ -186,7 +205,8 @@ class Checkpointer:
     self._manager.save(
         int(step), metrics=metrics if self.best_metric else None, force=True,
         args=ocp.args.Composite(state=ocp.args.StandardSave(_to_savable(state)),
-                                data=ocp.args.JsonSave(data_state or {}),
+                                data=ocp.args.JsonSave(
+                                    _gather_data_states(data_state or {})),
                                 meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
     if jax.process_index() == 0:
@@ -204,7 +224,7 @@ class Checkpointer:
         steps with a warning (each moved aside to `<directory>.corrupt/`).
 
     Returns:
-      (state with boxes, data iterator state dict, step).
+      (state with boxes, this process's data iterator state dict, step).
 
     Raises:
       FileNotFoundError: no step (or no good step) to restore.
@@ -232,7 +252,8 @@ class Checkpointer:
     # changed) is the caller's to see, not a reason to set the step aside.
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return _from_restored(abstract_state, restored["state"]), dict(restored["data"]), step
+    data_state = dict(restored["data"]).get(str(jax.process_index()), {})
+    return _from_restored(abstract_state, restored["state"]), dict(data_state), step
 
   def _move_aside(self, step: int) -> str:
     dest_root = self.directory + ".corrupt"

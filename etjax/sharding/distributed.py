@@ -97,8 +97,12 @@ def initialize(coordinator_address: Optional[str] = None,
   if not 0 <= index < count:
     raise ValueError(f"process_id={index} is outside [0, num_processes={count})")
   jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  # Everything is given: no cluster auto-detection, which under SLURM would otherwise
+  # restrict a one-process-per-node job to GPU SLURM_LOCALID. jax itself still reads
+  # JAX_LOCAL_DEVICE_IDS for one-process-per-GPU jobs.
   jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                             process_id=index, local_device_ids=local_device_ids)
+                             process_id=index, local_device_ids=local_device_ids,
+                             cluster_detection_method="deactivate")
   return True
 
 

@@ -145,8 +145,9 @@ class Trainer:
       self.state_sharding = partitioning.state_shardings(self._abstract, self.mesh,
                                                          self.rules)
     self.batch_sharding = partitioning.batch_sharding(self.mesh, self.rules)
-    self._batch_multiple = math.prod(
-        self.mesh.shape[a] for a in _axes(self.batch_sharding.spec[0]))
+    # Each process feeds its share of the batch shards (the batch axes span processes).
+    shards = math.prod(self.mesh.shape[a] for a in _axes(self.batch_sharding.spec[0]))
+    self._batch_multiple = max(1, shards // jax.process_count())
     replicated = NamedSharding(self.mesh, PartitionSpec())
     self._init = jax.jit(self.train_step.init, out_shardings=self.state_sharding)
     self._update = jax.jit(self.train_step.update,

@@ -53,11 +53,19 @@ LINEAR_FROM_HEADS = linear(2)
 class ParamRule:
   """One weight: its Hugging Face name (may contain '{i}' for the layer index), its
   Flax path, and the transform between them. `stacked` rules are per-layer weights that
-  Flax keeps stacked on a leading 'layers' axis."""
+  Flax keeps stacked on a leading 'layers' axis.
+
+  `num_layers` gives a stacked rule its own layer count (an encoder-decoder's two stacks
+  may differ in depth); None means the family's `num_stacked(config)`. `fallback` names
+  the tensor to load when `hf_name` is absent (a weight that a checkpoint stores once
+  under another name because the two are tied); saving always writes `hf_name`.
+  """
   hf_name: str
   flax_path: tuple[str, ...]
   transform: Transform = COPY
   stacked: bool = False
+  num_layers: Optional[int] = None
+  fallback: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +128,18 @@ def tensors_to_params(tensors: Mapping[str, np.ndarray], config: Any,
   family = _family(_model_type_of(config))
   tensors = _strip_prefixes(tensors, family.hf_prefixes)
   params: dict = {}
-  n = family.num_stacked(config)
   for rule in family.rules(config):
     target = _get(abstract_params, rule.flax_path)
+    n = _num_layers(rule, family, config)
     names = [rule.hf_name.format(i=i) for i in range(n)] if rule.stacked else [rule.hf_name]
     per_layer_shape = target.shape[1:] if rule.stacked else target.shape
     arrays = []
     for name in names:
+      if name not in tensors and rule.fallback in tensors:
+        name = rule.fallback
       if name not in tensors:
-        raise ValueError(f"{where or 'checkpoint'}: missing tensor {name!r} "
+        also = f" or {rule.fallback!r}" if rule.fallback else ""
+        raise ValueError(f"{where or 'checkpoint'}: missing tensor {name!r}{also} "
                          f"(for {'/'.join(rule.flax_path)})")
       array = rule.transform.to_flax(np.asarray(tensors[name]), tuple(per_layer_shape))
       if array.shape != tuple(per_layer_shape):
@@ -145,13 +156,17 @@ def params_to_tensors(params: Mapping, config: Any) -> dict:
   family = _family(_model_type_of(config))
   params = nn.meta.unbox(params)
   tensors = {}
-  n = family.num_stacked(config)
   for rule in family.rules(config):
+    n = _num_layers(rule, family, config)
     value = np.asarray(_get(params, rule.flax_path), dtype=np.float32)
     per_layer = [value[i] for i in range(n)] if rule.stacked else [value]
     for i, array in enumerate(per_layer):
       tensors[rule.hf_name.format(i=i)] = np.ascontiguousarray(rule.transform.to_hf(array))
   return tensors
+
+
+def _num_layers(rule: ParamRule, family: Family, config: Any) -> int:
+  return rule.num_layers if rule.num_layers is not None else family.num_stacked(config)
 
 
 def _strip_prefixes(tensors: Mapping[str, np.ndarray], prefixes: Sequence[str]) -> dict:

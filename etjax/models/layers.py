@@ -149,7 +149,8 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
   """Feed-forward block: wo(act(wi(x))), or the gated form wo(act(wi_0(x)) * wi_1(x)).
 
-  [batch, length, embed] -> [batch, length, embed].
+  [batch, length, embed] -> [batch, length, embed]. `out_init_stddev` initialises wo
+  (default: init_stddev), for models whose init depends on fan-in (T5).
   """
   intermediate_size: int
   activation: str = "gelu"
@@ -157,13 +158,14 @@ class MLP(nn.Module):
   use_bias: bool = True
   dropout_rate: float = 0.0
   init_stddev: float = 0.02
+  out_init_stddev: Optional[float] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_bld: jax.Array, deterministic: bool = True) -> jax.Array:
-    dense = lambda features, ins, outs, name: Dense(
-        (features,), ins, outs, use_bias=self.use_bias, init_stddev=self.init_stddev,
+    dense = lambda features, ins, outs, name, stddev=self.init_stddev: Dense(
+        (features,), ins, outs, use_bias=self.use_bias, init_stddev=stddev,
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     act = activation(self.activation)
     d = x_bld.shape[-1]
@@ -174,13 +176,16 @@ class MLP(nn.Module):
       h_blf = act(dense(self.intermediate_size, ("embed",), ("mlp",), "wi")(x_bld))
     h_blf = constrain(h_blf, ("batch", "length", "mlp"))
     h_blf = nn.Dropout(self.dropout_rate)(h_blf, deterministic=deterministic)
-    return dense(d, ("mlp",), ("embed",), "wo")(h_blf)
+    out_stddev = self.init_stddev if self.out_init_stddev is None else self.out_init_stddev
+    return dense(d, ("mlp",), ("embed",), "wo", out_stddev)(h_blf)
 
 
 class MultiHeadAttention(nn.Module):
   """Multi-head attention: project, attend through a backend, project back.
 
-  Self-attention when `kv_bld` is None, cross-attention otherwise.
+  Self-attention when `kv_bld` is None, cross-attention otherwise. `query_init_stddev`
+  and `out_init_stddev` initialise the query and output projections (default:
+  init_stddev), for models whose init depends on fan-in (T5).
   """
   num_heads: int
   head_dim: int
@@ -191,6 +196,8 @@ class MultiHeadAttention(nn.Module):
   rsa_block_size: int = 64
   dropout_rate: float = 0.0
   init_stddev: float = 0.02
+  query_init_stddev: Optional[float] = None
+  out_init_stddev: Optional[float] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -201,11 +208,13 @@ class MultiHeadAttention(nn.Module):
                deterministic: bool = True, return_probs: bool = False):
     """Returns (out [batch, q_length, embed], probs [batch, heads, q, k] or None)."""
     kv_bld = x_bld if kv_bld is None else kv_bld
-    proj = lambda name: Dense((self.num_heads, self.head_dim), ("embed",), ("heads", "kv"),
-                              use_bias=self.use_bias, init_stddev=self.init_stddev,
-                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    stddev = lambda override: self.init_stddev if override is None else override
+    proj = lambda name, init_stddev=self.init_stddev: Dense(
+        (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"),
+        use_bias=self.use_bias, init_stddev=init_stddev, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
     axes = ("batch", "length", "heads", "kv")
-    q_blhd = constrain(proj("query")(x_bld), axes)
+    q_blhd = constrain(proj("query", stddev(self.query_init_stddev))(x_bld), axes)
     k_blhd = constrain(proj("key")(kv_bld), axes)
     v_blhd = constrain(proj("value")(kv_bld), axes)
     dropout_rng = None
@@ -218,6 +227,6 @@ class MultiHeadAttention(nn.Module):
         dropout_rng=dropout_rng, return_probs=return_probs)
     out_blhd = constrain(out_blhd, axes)
     out_bld = Dense((x_bld.shape[-1],), ("heads", "kv"), ("embed",), use_bias=self.use_bias,
-                    init_stddev=self.init_stddev, dtype=self.dtype,
+                    init_stddev=stddev(self.out_init_stddev), dtype=self.dtype,
                     param_dtype=self.param_dtype, name="out")(out_blhd)
     return out_bld, probs

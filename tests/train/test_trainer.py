@@ -10,6 +10,7 @@ import pytest
 
 import toy_task
 from etjax.algorithms.step import unbox
+from etjax.data import pipeline
 from etjax.sharding.mesh import make_mesh
 from etjax.train import logging as log_lib
 from etjax.train import metrics as metrics_lib
@@ -55,14 +56,20 @@ def test_sharded_losses_match_one_device(tmp_path):
   assert kernel.addressable_shards[0].data.shape == (16, 8)
 
 
-def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path):
+def _grain_iterator():
+  return pipeline.train_iterator(toy_task.make_examples(40, seed=0), 8, seed=3)
+
+
+@pytest.mark.parametrize("make_iter", [lambda: toy_task.ToyIterator(num=40),
+                                       _grain_iterator], ids=["toy", "grain"])
+def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, make_iter):
   straight = _trainer(tmp_path / "a", 8, mesh="data=2,model=4", rules="tp",
-                      log_every=4).fit(toy_task.ToyIterator(num=40))
+                      log_every=4).fit(make_iter())
   first = _trainer(tmp_path / "b", 4, mesh="data=2,model=4", rules="tp", log_every=4)
-  assert first.fit(toy_task.ToyIterator(num=40)).step == 4
+  assert first.fit(make_iter()).step == 4
   # A fresh process would build everything anew: new trainer, new iterator at 0.
   second = _trainer(tmp_path / "b", 8, mesh="data=2,model=4", rules="tp", log_every=4)
-  resumed = second.fit(toy_task.ToyIterator(num=40))
+  resumed = second.fit(make_iter())
   assert resumed.step == 8
   # It did resume: the second run logged only its own steps (5..8).
   records = log_lib.read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))

@@ -93,7 +93,7 @@ def make_examples(num: int, seed: int) -> dict[str, np.ndarray]:
   mask = (np.arange(LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
   return {"input_ids": ids, "attention_mask": mask,
           "token_type_ids": np.zeros_like(ids), "labels": labels.astype(np.int32),
-          "weight": np.ones(num, np.float32)}
+          "domain": np.zeros(num, np.int32), "weight": np.ones(num, np.float32)}
 
 
 class ToyIterator:

@@ -1,0 +1,172 @@
+"""Classification jobs from plain settings: data splits, tokenizer, model, TrainStep.
+
+The pieces the command line (etjax/main.py) and notebooks assemble a fine-tuning run
+from; everything takes plain arguments (no gin here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from etjax import models
+from etjax.data import readers, synthetic, tokenizers
+from etjax.data.debian import load_debian_descriptions
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """Labelled examples of one job.
+
+  Attributes:
+    train, eval: lists of etjax.data.Example.
+    label_names: label strings (Example.label indexes them).
+    domain_names: domain strings (Example.domain indexes them).
+  """
+  train: list
+  eval: list
+  label_names: tuple[str, ...]
+  domain_names: tuple[str, ...] = ()
+
+
+def synthetic_splits(*, task: str = "sentiment",
+                     domains: Sequence[str] = synthetic.DOMAINS,
+                     train_size: int = 200, eval_size: int = 200, seed: int = 0,
+                     label_noise: float = 0.05) -> Splits:
+  """Multi-domain synthetic data: `train_size` and `eval_size` examples per domain."""
+  per_domain = synthetic.multi_domain_splits(
+      {d: (train_size, 0, eval_size) for d in domains}, seed=seed, task=task,
+      label_noise=label_noise)
+  labels = synthetic.PARAPHRASE_LABELS if task == "paraphrase" else \
+      synthetic.SENTIMENT_LABELS
+  return Splits(train=[ex for d in domains for ex in per_domain[d]["train"]],
+                eval=[ex for d in domains for ex in per_domain[d]["test"]],
+                label_names=tuple(labels), domain_names=tuple(synthetic.DOMAINS))
+
+
+def file_splits(train_path: str, eval_path: str, schema: readers.Schema, *,
+                format: Optional[str] = None,  # pylint: disable=redefined-builtin
+                on_error: str = "raise") -> Splits:
+  """Train and eval files read with one schema; labels fixed by the training file."""
+  train = readers.read_examples(train_path, schema, format=format, on_error=on_error)
+  evaluation = readers.read_examples(eval_path, schema, format=format,
+                                     label_vocab=train.label_vocab,
+                                     domain_vocab=train.domain_vocab or None,
+                                     on_error=on_error)
+  return Splits(train=list(train), eval=list(evaluation), label_names=train.label_vocab,
+                domain_names=train.domain_vocab)
+
+
+def debian_splits(directory: str, task: str = "use") -> Splits:
+  """The human-labelled Debian package descriptions (train / test splits)."""
+  data = load_debian_descriptions(directory, task=task)
+  return Splits(train=list(data["train"]), eval=list(data["test"]),
+                label_names=tuple(data.label_vocab), domain_names=tuple(data.domain_vocab))
+
+
+def resolve_pretrained(spec: str) -> str:
+  """A model directory for `spec`: a path, a hub id, or 'package:NAME' for a Python
+  package that ships weights and exposes NAME.get_model_path()."""
+  if spec.startswith("package:"):
+    name = spec[len("package:"):]
+    try:
+      module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      raise ValueError(f"pretrained {spec!r}: Python package {name!r} is not installed"
+                       ) from e
+    return module.get_model_path()
+  return models.hf.resolve_directory(spec)
+
+
+def make_tokenizer(pretrained_dir: Optional[str], train_texts: Sequence[str],
+                   vocab_size: int) -> tokenizers.Tokenizer:
+  """The pretrained model's tokenizer, or a WordPiece one learnt from the train texts."""
+  if pretrained_dir:
+    return tokenizers.load_tokenizer(pretrained_dir)
+  return tokenizers.build_wordpiece_tokenizer(train_texts, vocab_size)
+
+
+def texts_of(examples: Sequence[Any]) -> list[str]:
+  return [t for ex in examples for t in (ex.text_a, ex.text_b) if t]
+
+
+def build_classifier(num_labels: int, *, model: Optional[str] = None,
+                     pretrained_dir: Optional[str] = None, random_init: bool = False,
+                     dropout: float = 0.1, overrides: Optional[dict] = None
+                     ) -> tuple[Any, Optional[dict]]:
+  """A SequenceClassifier and the pretrained encoder weights to start from.
+
+  Args:
+    num_labels: classes.
+    model: a zoo name (used when `pretrained_dir` is None).
+    pretrained_dir: a Hugging Face directory; its config gives the architecture.
+    random_init: keep the pretrained architecture but start from random weights (the
+      no-transfer baseline).
+    overrides: config fields to change (dtype, attention backend, sizes, ...).
+
+  Returns:
+    (module, {'encoder': params} or None).
+  """
+  overrides = dict(overrides or {})
+  if pretrained_dir:
+    encoder, params = models.from_pretrained(pretrained_dir, **overrides)
+    pretrained = None if random_init else {"encoder": params}
+  elif model:
+    encoder, pretrained = models.create_model(model, **overrides), None
+  else:
+    raise ValueError("build_classifier: give a zoo model name or a pretrained directory")
+  return models.SequenceClassifier(encoder, num_labels=num_labels,
+                                   dropout_rate=dropout), pretrained
+
+
+def save_job_assets(workdir: str, tokenizer: tokenizers.Tokenizer,
+                    label_names: Sequence[str]) -> None:
+  """Writes what `predict` needs beside the checkpoints: tokenizer and label names."""
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer.save(os.path.join(workdir, "tokenizer"))
+  with open(os.path.join(workdir, "labels.json"), "w") as f:
+    json.dump(list(label_names), f)
+
+
+def load_job_assets(workdir: str) -> tuple[tokenizers.Tokenizer, list[str]]:
+  """The tokenizer and label names a training run saved in `workdir`."""
+  labels_path = os.path.join(workdir, "labels.json")
+  if not os.path.exists(labels_path):
+    raise ValueError(f"{workdir} has no labels.json: was a model trained there?")
+  with open(labels_path) as f:
+    labels = json.load(f)
+  return tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer")), labels
+
+
+def read_prediction_inputs(path: str) -> list:
+  """Texts to classify: a TSV with text_a (and optionally text_b) per line, no header."""
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      line = line.rstrip("\n")
+      if not line.strip():
+        continue
+      fields = line.split("\t")
+      if len(fields) > 2:
+        raise ValueError(f"{path}:{line_no}: expected text_a[<TAB>text_b], got "
+                         f"{len(fields)} columns")
+      examples.append(readers.Example(fields[0], fields[1] if len(fields) == 2 else None,
+                                      0, 0, ""))
+  if not examples:
+    raise ValueError(f"{path}: no texts to predict")
+  return examples
+
+
+def write_predictions(path: str, examples: Sequence[Any], predictions: np.ndarray,
+                      probabilities: np.ndarray, label_names: Sequence[str]) -> None:
+  """A TSV: text_a, text_b, predicted label, its probability."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("text_a\ttext_b\tprediction\tprobability\n")
+    for ex, p, probs in zip(examples, predictions, probabilities):
+      f.write(f"{ex.text_a}\t{ex.text_b or ''}\t{label_names[int(p)]}\t"
+              f"{float(probs[int(p)]):.4f}\n")

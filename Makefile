@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: $(STAMP)
-	$(VENV)/bin/etjax train --gin_file=gin/runs/demo.gin
+	$(VENV)/bin/etjax demo --gin_file=gin/runs/demo.gin
 
 clean:
 	rm -rf $(VENV) runs

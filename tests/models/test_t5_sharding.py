@@ -1,0 +1,46 @@
+"""T5 on 8 fake devices under the tp and fsdp rule presets equals one device."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from etjax.models.t5 import T5Model
+from etjax.sharding import mesh as mesh_lib
+from etjax.sharding import partitioning, rules as rules_lib
+from t5_testlib import assert_close, tiny_config
+
+rng = np.random.default_rng(0)
+IDS = rng.integers(2, 64, size=(8, 12)).astype(np.int32)
+MASK = (np.arange(12)[None] < rng.integers(6, 13, size=(8, 1))).astype(np.int32)
+DEC = rng.integers(2, 64, size=(8, 5)).astype(np.int32)
+
+
+def _forward(module, variables, ids, mask, dec):
+  out = module.apply(variables, ids, mask, dec)
+  return out.encoder_last_hidden_state, out.logits
+
+
+@pytest.mark.parametrize("preset,sizes,sharded_axis", [
+    ("tp", {"data": 2, "model": 4}, "model"),
+    ("fsdp", {"data": 2, "fsdp": 4}, "fsdp"),
+])
+def test_sharded_forward_matches_one_device(preset, sizes, sharded_axis):
+  module = T5Model(tiny_config())
+  variables = jax.jit(module.init)(jax.random.PRNGKey(0), IDS)
+  want = jax.jit(lambda v: _forward(module, v, IDS, MASK, DEC))(variables)
+
+  mesh = mesh_lib.make_mesh(sizes)
+  rules = rules_lib.get_rules(preset)
+  shardings = partitioning.state_shardings(variables, mesh, rules)
+  query = shardings["params"]["decoder"]["stack"]["layers"]["self_attention"]["query"]
+  assert sharded_axis in jax.tree.leaves(tuple(query["kernel"].spec))
+  batch = partitioning.batch_sharding(mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    fn = jax.jit(lambda *args: _forward(module, *args),
+                 in_shardings=(shardings, batch, batch, batch))
+    got = fn(variables, IDS, MASK, DEC)
+  for name, g, w in zip(("encoder", "logits"), got, want):
+    assert_close(g, w, what=f"{preset} {name}")

@@ -1,0 +1,74 @@
+"""The `etjax` command line: gin parsing, errors, and train / eval / predict end to end."""
+
+import glob
+import os
+
+import pytest
+
+from etjax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_FILES = sorted(glob.glob(os.path.join(ROOT, "gin", "runs", "*.gin")))
+
+TINY = [
+    "--gin.data.source='synthetic'", "--gin.data.train_size=24", "--gin.data.eval_size=8",
+    "--gin.classifier.model='bert-tiny'", "--gin.classifier.pretrained=None",
+    "--gin.classifier.vocab_size=400",
+    "--gin.classifier.overrides={'num_layers': 1, 'hidden_size': 32, 'num_heads': 2, "
+    "'intermediate_size': 64}",
+    "--gin.train.num_steps=4", "--gin.train.batch_size=8", "--gin.train.max_length=24",
+    "--gin.train.eval_batch_size=16", "--gin.train.progress=False",
+    "--gin.mesh.spec='data=-1'", "--gin.mesh.rules='dp'",
+]
+
+
+@pytest.mark.parametrize("path", RUN_FILES, ids=[os.path.basename(p) for p in RUN_FILES])
+def test_every_shipped_run_file_parses_and_says_its_command(path):
+  with open(path) as f:
+    header = f.read().split("\n\n")[0]
+  assert "etjax " in header and header.startswith("#"), f"{path}: header lacks command"
+  main.bind_gin([os.path.relpath(path, ROOT)], [])
+
+
+def test_gin_args_are_split_t5x_style():
+  files, bindings, rest = main.parse_gin_args(
+      ["train", "--gin_file=a.gin", "--gin_file", "b.gin", "--gin.train.num_steps=3",
+       "--input", "x"])
+  assert files == ["a.gin", "b.gin"]
+  assert bindings == ["train.num_steps = 3"]
+  assert rest == ["train", "--input", "x"]
+
+
+def test_misspelt_binding_is_named(capsys):
+  assert main.run(["train", "--gin.trian.num_steps=3"]) == 2
+  assert "trian" in capsys.readouterr().err
+  assert main.run(["train", "--gin.train.num_stepz=3"]) == 2
+  assert "num_stepz" in capsys.readouterr().err
+
+
+def test_missing_gin_file_is_named(capsys):
+  assert main.run(["train", "--gin_file=gin/runs/nope.gin"]) == 2
+  assert "nope.gin" in capsys.readouterr().err
+
+
+def test_train_eval_predict_end_to_end(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  args = TINY + [f"--gin.train.workdir='{workdir}'"]
+  assert main.run(["train"] + args) == 0
+  out = capsys.readouterr().out
+  assert "step 4: accuracy=" in out
+  assert os.path.exists(os.path.join(workdir, "config.gin"))
+  assert "train.num_steps = 4" in open(os.path.join(workdir, "config.gin")).read()
+
+  assert main.run(["eval"] + args) == 0
+  eval_out = capsys.readouterr().out
+  # Evaluating the restored checkpoint reproduces the end-of-training metrics.
+  assert out.split("accuracy=")[1].split(",")[0] in eval_out
+
+  inputs, outputs = tmp_path / "in.tsv", tmp_path / "out.tsv"
+  inputs.write_text("the plot is gripping , i love it\nthe kettle is flimsy , avoid it\n")
+  assert main.run(["predict", "--input", str(inputs), "--output", str(outputs)] + args) == 0
+  lines = outputs.read_text().splitlines()
+  assert lines[0].split("\t") == ["text_a", "text_b", "prediction", "probability"]
+  assert len(lines) == 3
+  assert all(line.split("\t")[2] in ("negative", "positive") for line in lines[1:])

@@ -68,6 +68,7 @@ def _restore_target(abstract_state: PyTree, shardings: Optional[PyTree]) -> PyTr
 def _from_restored(abstract_state: PyTree, restored: PyTree) -> PyTree:
   """Puts restored leaves back into the boxed structure, re-wrapping PRNG keys."""
   abstract_leaves, treedef = jax.tree.flatten(abstract_state)
+  # An abstract key exposes its implementation only through its dtype.
   leaves = [jax.random.wrap_key_data(r, impl=a.dtype._impl) if _is_key(a) else r
             for a, r in zip(abstract_leaves, jax.tree.leaves(restored))]
   return jax.tree.unflatten(treedef, leaves)

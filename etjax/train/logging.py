@@ -149,6 +149,8 @@ class ThroughputWindow:
     self.count, self.examples, self.sums = 0, 0, {}
     self.started = None
     self.excluded = 0.0  # seconds spent evaluating and saving, not training
+    self.created = time.perf_counter()
+    self.first_step_s = None  # compilation + the first update, written once
 
   def add(self, step: int, metrics, examples: int, bar: Progress) -> None:
     """Fetches one update's metrics; raises NonFiniteValue on a NaN/inf loss."""
@@ -158,6 +160,7 @@ class ThroughputWindow:
     if self.started is None:
       # The first update includes compilation; throughput is timed from its end.
       self.started = time.perf_counter()
+      self.first_step_s = self.started - self.created
     else:
       self.count += 1
       self.examples += examples
@@ -170,14 +173,18 @@ class ThroughputWindow:
     return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
 
   def flush(self, writer: MetricsWriter, step: int, bar: Progress) -> dict:
-    """Writes the window's means plus examples_per_s and steps_per_s at `step`,
-    starts a new window, and returns what it wrote."""
+    """Writes the window's means plus examples_per_s and steps_per_s (and, the first
+    time, first_step_s: compilation plus one update) at `step`, starts a new window,
+    and returns what it wrote."""
     result = self.means()
+    if self.first_step_s is not None:
+      result["first_step_s"] = self.first_step_s
     if self.count:
       elapsed = max(time.perf_counter() - self.started - self.excluded, 1e-9)
       result["examples_per_s"] = self.examples / elapsed
       result["steps_per_s"] = self.count / elapsed
       writer.write(step, "train", result)
+      self.first_step_s = None
       bar.update(0, loss=result.get("loss", float("nan")),
                  ex_per_s=result["examples_per_s"])
     self.count, self.examples, self.sums = 0, 0, {}

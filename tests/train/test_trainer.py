@@ -115,7 +115,11 @@ def test_logs_evaluation_best_checkpoint_and_predict(tmp_path):
   records = log_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [(r["step"], r["split"]) for r in records] == [
       (2, "train"), (3, "eval"), (4, "train"), (6, "train"), (6, "eval")]
-  assert all(r["examples_per_s"] > 0 for r in records if r["split"] == "train")
+  train_records = [r for r in records if r["split"] == "train"]
+  assert all(r["examples_per_s"] > 0 for r in train_records)
+  # Compilation is reported apart, once.
+  assert train_records[0]["first_step_s"] > 0
+  assert not any("first_step_s" in r for r in train_records[1:])
   scalars = log_lib.read_tensorboard_scalars(str(tmp_path / "tb"))
   assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
   np.testing.assert_allclose([v for _, v in scalars["eval/accuracy"]],

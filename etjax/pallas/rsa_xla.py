@@ -79,30 +79,17 @@ def reference_rsa(q, k, v, layout, *, block_size: int, mask=None, bias=None,
   return (out, probs) if return_probs else out
 
 
-def gather_blocks(x_bhqk, layout, block_size: int):
-  """Gathers the layout's key blocks of a [.., H, Lq, Lk] array.
-
-  Returns:
-    [.., H, nq, bs, w, bs]: element [.., h, i, t, s, u] is
-    x[.., h, i * bs + t, layout[h, i, s] * bs + u] (slot -1 reads block 0).
-  """
-  *lead, h, lq, lk = x_bhqk.shape
-  bs = block_size
-  x = x_bhqk.reshape(*lead, h, lq // bs, bs, lk // bs, bs)
-  idx = jnp.maximum(layout, 0)
-  nl = len(lead)
-  # Move (h, i) next to the key-block axis so one advanced index gathers them all.
-  x = jnp.moveaxis(x, nl + 2, -1)                       # [.., h, i, kb, u, t]
-  hh = jnp.arange(h)[:, None, None]
-  ii = jnp.arange(lq // bs)[None, :, None]
-  g = x[(slice(None),) * nl + (hh, ii, idx)]            # [.., h, i, s, u, t]
-  return jnp.moveaxis(g, -1, nl + 2)                    # [.., h, i, t, s, u]
-
-
 def xla_rsa(q, k, v, layout, *, block_size: int, mask=None, bias=None,
             causal: bool = False, scale: Optional[float] = None,
             dropout_rate: float = 0.0, dropout_rng=None):
-  """Block-sparse RSA by gathering the selected key blocks; O(n^2 / k) memory.
+  """Block-sparse RSA in XLA, one layout slot at a time; O(n^2 / k) memory.
+
+  Scores are laid out slot-major, [w, B, H, nq, bs, bs]: a scan over the w slots
+  gathers each query block's key block for that slot and multiplies, a softmax runs
+  over (slot, key), and a second scan gathers the value blocks and accumulates. The
+  scan bodies are rematerialized, so no gathered copy of K or V (each as large as the
+  scores) is kept for the backward pass; what remains is the scores and
+  probabilities, 1/k of dense attention's.
 
   Arguments as `reference_rsa`; `dropout_rate` > 0 with a `dropout_rng` drops
   attention probabilities (scaling the kept ones by 1 / (1 - rate)).
@@ -115,36 +102,45 @@ def xla_rsa(q, k, v, layout, *, block_size: int, mask=None, bias=None,
   bs = block_size
   nq, nk = lq // bs, lk // bs
   layout = jnp.asarray(layout)
-  idx = jnp.maximum(layout, 0)                          # [H, nq, w]
-  valid = layout >= 0
-  q_bhitd = q.transpose(0, 2, 1, 3).reshape(b, h, nq, bs, d)
-  hh = jnp.arange(h)[:, None, None]
+  idx_whi = jnp.moveaxis(jnp.maximum(layout, 0), -1, 0)  # [w, H, nq]
+  valid_whi = jnp.moveaxis(layout >= 0, -1, 0)
+  blocks = lambda x: x.transpose(0, 2, 1, 3).reshape(b, h, -1, bs, d)
+  q_bhitd, k_bhjud, v_bhjud = blocks(q), blocks(k), blocks(v)
+  hh = jnp.arange(h)[:, None]
+  ii = jnp.arange(nq)[None, :]
+  bias6 = None if bias is None else bias.reshape(bias.shape[0], h, nq, bs, nk, bs)
+  scale = _default_scale(scale, d)
 
-  def gather_kv(x):
-    x_bhjud = x.transpose(0, 2, 1, 3).reshape(b, h, nk, bs, d)
-    return x_bhjud[:, hh, idx]                          # [B, H, nq, w, bs, D]
+  @jax.checkpoint
+  def score_step(_, idx_hi):
+    k_bhiud = k_bhjud[:, hh, idx_hi]                     # [B, H, nq, bs, D]
+    s = jnp.einsum("bhitd,bhiud->bhitu", q_bhitd, k_bhiud,
+                   preferred_element_type=jnp.float32) * scale
+    if bias6 is not None:                                # [H, nq, Bb, t, u] -> [Bb, ...]
+      s = s + jnp.moveaxis(bias6[:, hh, ii, :, idx_hi], 2, 0).astype(jnp.float32)
+    return None, s
 
-  k_g, v_g = gather_kv(k), gather_kv(v)
-  scores = jnp.einsum("bhitd,bhisud->bhitsu", q_bhitd, k_g,
-                      preferred_element_type=jnp.float32)
-  scores = scores * _default_scale(scale, d)
-  if bias is not None:
-    scores = scores + gather_blocks(bias, layout, bs).astype(jnp.float32)
-  allowed = valid[:, :, None, :, None]                  # [H, nq, 1, w, 1]
+  _, scores = jax.lax.scan(score_step, None, idx_whi)   # [w, B, H, nq, bs, bs]
+  allowed = valid_whi[:, None, :, :, None, None]         # [w, 1, H, nq, 1, 1]
   if mask is not None:
     m_bju = (mask != 0).reshape(b, nk, bs)
-    allowed = allowed & m_bju[:, idx][:, :, :, None, :, :]
+    allowed = allowed & jnp.moveaxis(m_bju[:, idx_whi], 1, 0)[:, :, :, :, None, :]
   if causal:
-    q_pos = jnp.arange(nq)[:, None, None, None] * bs + jnp.arange(bs)[:, None, None]
-    k_pos = idx[:, :, None, :, None] * bs + jnp.arange(bs)
-    allowed = allowed & (q_pos >= k_pos)
-  allowed = jnp.broadcast_to(allowed, scores.shape)
-  shape = scores.shape
-  probs = masked_softmax(scores.reshape(*shape[:4], -1),
-                         allowed.reshape(*shape[:4], -1)).reshape(shape)
+    q_pos = jnp.arange(nq)[:, None, None] * bs + jnp.arange(bs)[:, None]  # [nq, t, 1]
+    k_pos = idx_whi[:, :, :, None, None] * bs + jnp.arange(bs)           # [w,H,nq,1,u]
+    allowed = allowed & (q_pos >= k_pos)[:, None]
+  probs = masked_softmax(scores, jnp.broadcast_to(allowed, scores.shape), axis=(0, 5))
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum("bhitsu,bhisud->bhitd", probs.astype(v.dtype), v_g,
-                   preferred_element_type=jnp.float32)
+
+  @jax.checkpoint
+  def mix_step(acc, xs):
+    idx_hi, p = xs
+    v_bhiud = v_bhjud[:, hh, idx_hi]
+    return acc + jnp.einsum("bhitu,bhiud->bhitd", p.astype(v.dtype), v_bhiud,
+                            preferred_element_type=jnp.float32), None
+
+  out, _ = jax.lax.scan(mix_step, jnp.zeros((b, h, nq, bs, d), jnp.float32),
+                        (idx_whi, probs))
   return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3).astype(q.dtype)

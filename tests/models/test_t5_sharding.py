@@ -44,3 +44,23 @@ def test_sharded_forward_matches_one_device(preset, sizes, sharded_axis):
     got = fn(variables, IDS, MASK, DEC)
   for name, g, w in zip(("encoder", "logits"), got, want):
     assert_close(g, w, what=f"{preset} {name}")
+
+
+def test_pipelined_stacks_under_3d_match_the_plain_stacks():
+  # Both stacks pipelined over 2 stages (4 microbatches), with data and tensor
+  # parallelism, on the parameters of the unpipelined model.
+  cfg = tiny_config(num_layers=4, num_decoder_layers=2)
+  module = T5Model(cfg)
+  variables = jax.jit(module.init)(jax.random.PRNGKey(0), IDS)
+  want = jax.jit(lambda v: _forward(module, v, IDS, MASK, DEC))(variables)
+  piped = T5Model(cfg.replace(pipeline_stages=2, pipeline_microbatches=4))
+  assert (jax.tree.structure(jax.eval_shape(piped.init, jax.random.PRNGKey(0), IDS))
+          == jax.tree.structure(variables))
+  mesh = mesh_lib.make_mesh({"data": 2, "stage": 2, "model": 2})
+  rules = rules_lib.get_rules("3d")
+  shardings = partitioning.state_shardings(variables, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    got = jax.jit(lambda v: _forward(piped, v, IDS, MASK, DEC),
+                  in_shardings=(shardings,))(variables)
+  for name, g, w in zip(("encoder", "logits"), got, want):
+    assert_close(g, w, what=f"pipelined {name}")

@@ -256,6 +256,16 @@ def bind_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     raise ValueError(f"gin config error: {e}") from e
 
 
+def _start_runtime(args: argparse.Namespace) -> None:
+  """XLA flag presets, then the multi-controller runtime when this is one process of
+  many (flags, else the JAX_* environment that launch/ scripts set)."""
+  from etjax.sharding import distributed, xla_flags  # pylint: disable=g-import-not-at-top
+  if args.xla_flag_preset != "none":
+    xla_flags.apply_xla_flags(None if args.xla_flag_preset == "auto"
+                              else args.xla_flag_preset)
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of the `etjax` console script."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -264,6 +274,16 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                           "models"])
   parser.add_argument("--input", help="predict: TSV of text_a[<TAB>text_b] per line")
   parser.add_argument("--output", help="predict: where to write the predictions TSV")
+  parser.add_argument("--coordinator_address", help="multi-host: process 0's host:port "
+                      "(default: $JAX_COORDINATOR_ADDRESS)")
+  parser.add_argument("--num_processes", type=int,
+                      help="multi-host: processes in the job (default: $JAX_NUM_PROCESSES)")
+  parser.add_argument("--process_id", type=int,
+                      help="multi-host: this process's index (default: $JAX_PROCESS_ID)")
+  parser.add_argument("--xla_flag_preset", default="auto",
+                      choices=["auto", "none", "cpu", "gpu", "tpu"],
+                      help="XLA performance flags (latency-hiding scheduler, collective "
+                      "combining) for the platform; 'auto' detects it")
   try:
     files, bindings, rest = parse_gin_args(argv)
   except ValueError as e:
@@ -276,6 +296,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     cmd_models()
     return 0
   try:
+    _start_runtime(args)
     bind_gin(files, bindings)
     if args.command == "train":
       cmd_train()

@@ -1,4 +1,4 @@
-"""Pipeline parallelism over the 'stage' mesh axis (GPipe schedule).
+"""Pipeline parallelism over the 'stage' mesh axis (GPipe and circular schedules).
 
 The plain layer stack (etjax.models.stack) scans one layer class over num_layers with
 parameters stacked on a leading 'layers' axis:
@@ -18,13 +18,21 @@ GPipe schedule: at clock tick t stage s works on microbatch t - s, all stages at
 (a vmap over the stage dimension, which the SPMD partitioner splits over the 'stage'
 mesh axis), and the stage outputs move one stage on with a roll of the stage
 dimension, which XLA lowers to a collective permute between neighbouring stages. After
-T = M + S - 1 ticks every microbatch has left the last stage. The backward pass is the
-reverse schedule, by differentiating the loop. Data and tensor parallelism compose
+T = R*M + S - 1 ticks (R = 1 for GPipe) every microbatch has left the last stage. The
+backward pass is the reverse schedule, by differentiating the loop. Data and tensor parallelism compose
 through the other mesh axes: the microbatch dimension keeps the 'batch' sharding and
 the layer's own logical constraints and parameter shardings apply inside each stage.
 
-Idle stage slots (the bubble, a fraction (S-1)/(M+S-1) of the ticks) compute on
-placeholder inputs whose results are never used. Per-layer `outputs` are not collected
+The circular schedule (num_repeats R > 1, as in MaxText and Megatron's interleaved
+schedule) cuts the stack into S * R blocks; stage s runs blocks s, s + S, ..., so each
+microbatch goes round the ring of stages R times, and the bubble shrinks from
+(S-1)/(M+S-1) to (S-1)/(R*M+S-1) at the price of R times as many stage hand-overs and,
+since each stage's blocks are strided in the stored [L, ...] order, an exchange of the
+parameters between stages each step. It needs M >= S: a microbatch leaving the last
+stage waits in a buffer until stage 0 is free to take it round again.
+
+Idle stage slots (the bubble, a fraction `bubble_fraction(S, M, R)` of the ticks)
+compute on placeholder inputs whose results are never used. Per-layer `outputs` are not collected
 in pipeline mode (the call returns (x_bld, None)); use the plain stack where a model
 needs per-layer hidden states. Only the 'params' collection is supported, and dropout
 masks come from the 'dropout' rng folded with the layer and microbatch index, so with
@@ -48,12 +56,17 @@ from etjax.sharding.remat import remat_function, remat_module
 _FREE = PartitionSpec.UNCONSTRAINED
 
 
-def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
-  """Fraction of stage-ticks a GPipe schedule leaves idle: (S-1)/(M+S-1)."""
-  if num_stages < 1 or num_microbatches < 1:
-    raise ValueError(f"num_stages ({num_stages}) and num_microbatches "
-                     f"({num_microbatches}) must be >= 1")
-  return (num_stages - 1) / (num_microbatches + num_stages - 1)
+def bubble_fraction(num_stages: int, num_microbatches: int,
+                    num_repeats: int = 1) -> float:
+  """Fraction of stage-ticks the schedule leaves idle: (S-1)/(R*M+S-1).
+
+  R = 1 is GPipe's (S-1)/(M+S-1); the circular schedule with R repeats divides the
+  bubble by about R.
+  """
+  if min(num_stages, num_microbatches, num_repeats) < 1:
+    raise ValueError(f"num_stages ({num_stages}), num_microbatches ({num_microbatches}) "
+                     f"and num_repeats ({num_repeats}) must be >= 1")
+  return (num_stages - 1) / (num_repeats * num_microbatches + num_stages - 1)
 
 
 def scanned_layers(layer_cls: Any, num_layers: int, remat_policy: str = "none"):
@@ -85,11 +98,12 @@ class Pipeline(nn.Module):
   Attributes:
     layer_cls: the layer module class (interface in the module docstring).
     layer_kwargs: keyword arguments of the layer.
-    num_layers: L, a multiple of num_stages.
+    num_layers: L, a multiple of num_stages * num_repeats.
     num_stages: S, the size of the 'stage' mesh axis the stages run on.
     num_microbatches: M; the batch must divide into M microbatches, and each
       microbatch by the mesh axes that 'batch' maps to.
     remat_policy: rematerialization per layer (etjax.sharding.remat names).
+    num_repeats: R; 1 is GPipe, R > 1 the circular schedule (needs M >= S).
   """
   layer_cls: Any
   layer_kwargs: Mapping[str, Any]
@@ -97,13 +111,19 @@ class Pipeline(nn.Module):
   num_stages: int
   num_microbatches: int
   remat_policy: str = "none"
+  num_repeats: int = 1
 
   def setup(self):
-    if self.num_stages < 1 or self.num_layers % self.num_stages:
+    blocks = self.num_stages * self.num_repeats
+    if self.num_stages < 1 or self.num_repeats < 1 or self.num_layers % blocks:
       raise ValueError(f"Pipeline: num_layers={self.num_layers} does not split into "
-                       f"num_stages={self.num_stages} equal stages")
+                       f"num_stages={self.num_stages} x num_repeats={self.num_repeats} "
+                       "equal blocks")
     if self.num_microbatches < 1:
       raise ValueError(f"Pipeline: num_microbatches={self.num_microbatches} must be >= 1")
+    if self.num_repeats > 1 and self.num_microbatches < self.num_stages:
+      raise ValueError(f"Pipeline: the circular schedule needs num_microbatches="
+                       f"{self.num_microbatches} >= num_stages={self.num_stages}")
     # Sharing the scope gives this module exactly the plain stack's parameters.
     self.stack = scanned_layers(self.layer_cls, self.num_layers, self.remat_policy)(
         **self.layer_kwargs)
@@ -125,21 +145,30 @@ class Pipeline(nn.Module):
     return x_bld, None
 
   def _stage_params(self) -> Any:
-    """The stored [L, ...] parameters as [S, L/S, ...], stage dim on 'stage'."""
-    s, k = self.num_stages, self.num_layers // self.num_stages
+    """The stored [L, ...] parameters as [S, R, K, ...], stage dim on 'stage'.
+
+    Layer block b = r * S + s (K = L / (S * R) consecutive layers) runs on stage s in
+    repeat r. For R = 1 this is a reshape of contiguous blocks, which the 3d preset
+    already stores on their stage; for R > 1 each stage's blocks are strided in L, so
+    the parameters (and their gradients) are exchanged between stages once per step.
+    """
+    s, r = self.num_stages, self.num_repeats
+    k = self.num_layers // (s * r)
 
     def group(leaf):
       names = getattr(leaf, "names", None)
       value = nn.meta.unbox(leaf)
-      value = jnp.reshape(value, (s, k) + value.shape[1:])
-      rest = tuple(names[1:]) if names else (_FREE,) * (value.ndim - 2)
-      return nn.with_logical_constraint(value, ("stage", None) + rest)
+      value = jnp.reshape(value, (r, s, k) + value.shape[1:])
+      value = jnp.swapaxes(value, 0, 1)
+      rest = tuple(names[1:]) if names else (_FREE,) * (value.ndim - 3)
+      return nn.with_logical_constraint(value, ("stage", None, None) + rest)
     return jax.tree.map(group, self.variables["params"],
                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
   def _run(self, stage_params, x_bld, side_b, shared, deterministic, rng):
-    s, m = self.num_stages, self.num_microbatches
-    k = self.num_layers // s
+    s, m, r = self.num_stages, self.num_microbatches, self.num_repeats
+    k = self.num_layers // (s * r)
+    items = r * m  # (repeat, microbatch) pairs each stage works through
     layer = self.layer_cls(**self.layer_kwargs, parent=None)
 
     def apply_layer(params, x, side, layer_rng):
@@ -148,13 +177,18 @@ class Pipeline(nn.Module):
       return y
     apply_layer = remat_function(apply_layer, self.remat_policy)
 
-    def run_stage(params_k, x, side, stage, micro):
-      """One stage's L/S layers on one microbatch: x [mb, ...] -> [mb, ...]."""
+    def run_stage(params_rk, x, side, stage, item):
+      """One stage's K layers of repeat item // M on microbatch item % M."""
+      repeat, micro = item // m, item % m
+      params_k = jax.tree.map(lambda p: p[repeat], params_rk)
+      first_layer = (repeat * s + stage) * k
+
       def body(x, inputs):
         params, index = inputs
         layer_rng = None
         if rng is not None:
-          layer_rng = jax.random.fold_in(jax.random.fold_in(rng, stage * k + index), micro)
+          layer_rng = jax.random.fold_in(jax.random.fold_in(rng, first_layer + index),
+                                         micro)
         return apply_layer(params, x, side, layer_rng), None
       x, _ = jax.lax.scan(body, x, (params_k, jnp.arange(k)))
       return x
@@ -162,26 +196,31 @@ class Pipeline(nn.Module):
 
     x_mbld = microbatch.split_microbatches(x_bld, m)
     side_mb = microbatch.split_microbatches(side_b, m)
-    # Stage 0's input at tick t is microbatch t; after M ticks only placeholders.
-    feed_tbld = jnp.concatenate(
-        [x_mbld, jnp.zeros((s - 1,) + x_mbld.shape[1:], x_mbld.dtype)], axis=0)
     stages = jnp.arange(s)
 
-    def tick(state_sbld, inputs):
-      t, feed_bld = inputs
+    def tick(carry, t):
+      state_sbld, done_mbld = carry
+      # Stage 0 takes microbatch t fresh in repeat 0, and afterwards the last stage's
+      # output for the same microbatch from the previous repeat (ready since M >= S).
+      feed_bld = jnp.where(t < m, x_mbld[jnp.minimum(t, m - 1)], done_mbld[t % m])
       # The roll moves stage s-1's output to stage s: a collective permute.
       shifted = jnp.roll(state_sbld, 1, axis=0)
       first = (stages == 0).reshape((s,) + (1,) * (shifted.ndim - 1))
-      in_sbld = jnp.where(first, feed_bld[None], shifted)
-      in_sbld = _constrain(in_sbld, ("stage", "batch"))
-      micro = jnp.clip(t - stages, 0, m - 1)
-      side_s = _constrain(jax.tree.map(lambda a: a[micro], side_mb), ("stage", "batch"))
-      out_sbld = run_stages(stage_params, in_sbld, side_s, stages, micro)
-      out_sbld = _constrain(out_sbld, ("stage", "batch"))
-      return out_sbld, out_sbld[s - 1]
+      in_sbld = _constrain(jnp.where(first, feed_bld[None], shifted), ("stage", "batch"))
+      item_s = jnp.clip(t - stages, 0, items - 1)
+      side_s = _constrain(jax.tree.map(lambda a: a[item_s % m], side_mb),
+                          ("stage", "batch"))
+      out_sbld = _constrain(run_stages(stage_params, in_sbld, side_s, stages, item_s),
+                            ("stage", "batch"))
+      # The last stage finishes item t - (S - 1); idle ticks write nothing.
+      last = t - (s - 1)
+      slot = jnp.clip(last, 0, items - 1) % m
+      valid = (last >= 0) & (last < items)
+      done_mbld = done_mbld.at[slot].set(jnp.where(valid, out_sbld[s - 1], done_mbld[slot]))
+      return (out_sbld, _constrain(done_mbld, (None, "batch"))), None
 
     state0 = _constrain(jnp.zeros((s,) + x_mbld.shape[1:], x_mbld.dtype),
                         ("stage", "batch"))
-    _, last_tbld = jax.lax.scan(tick, state0, (jnp.arange(m + s - 1), feed_tbld))
-    # The last stage finishes microbatch t - (S - 1) at tick t.
-    return microbatch.merge_microbatches(last_tbld[s - 1:])
+    done0 = _constrain(jnp.zeros_like(x_mbld), (None, "batch"))
+    (_, done_mbld), _ = jax.lax.scan(tick, (state0, done0), jnp.arange(items + s - 1))
+    return microbatch.merge_microbatches(done_mbld)

@@ -40,6 +40,7 @@ class PipelinedModel(nn.Module):
   num_stages: int
   num_microbatches: int
   remat_policy: str = "none"
+  num_repeats: int = 1
 
   @nn.compact
   def __call__(self, x_bld, side_b, shared, deterministic=True):
@@ -47,7 +48,7 @@ class PipelinedModel(nn.Module):
         layer_cls=ResidualMlpLayer, layer_kwargs=LAYER_KWARGS,
         num_layers=self.num_layers, num_stages=self.num_stages,
         num_microbatches=self.num_microbatches, remat_policy=self.remat_policy,
-        name="layers")(x_bld, side_b, shared, deterministic)
+        num_repeats=self.num_repeats, name="layers")(x_bld, side_b, shared, deterministic)
     assert outputs is None
     return x_bld
 
@@ -74,11 +75,12 @@ def _run(model, params, mesh, rules):
   fn = jax.value_and_grad(functools.partial(_loss, model), argnums=(0, 1), has_aux=True)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = jax.jit(fn, in_shardings=(param_sh, batch_sh, batch_sh, None, batch_sh))
-    (_, y_bld), grads = jitted(params, x_bld, side_b, shared, cotangent)
-    hlo = jitted.lower(params, x_bld, side_b, shared, cotangent).compile().as_text()
-  return y_bld, grads, hlo
+    compiled = jitted.lower(params, x_bld, side_b, shared, cotangent).compile()
+    (_, y_bld), grads = compiled(params, x_bld, side_b, shared, cotangent)
+  return y_bld, grads, compiled.as_text()
 
 
+@functools.lru_cache(maxsize=None)
 def _reference(num_layers, mesh=None, rules=None):
   """The plain stack's params, output and gradients; on `mesh` when given.
 
@@ -103,20 +105,27 @@ def _assert_close(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stages,microbatches,mesh_sizes", [
-    (2, 2, {"stage": 2, "data": 4}),
-    (2, 3, {"stage": 2, "data": 4}),
-    (4, 4, {"stage": 4, "data": 2}),
-    (4, 6, {"stage": 4, "data": 2}),
-    (2, 4, {"stage": 2, "data": 2, "model": 2}),
+@pytest.mark.parametrize("stages,microbatches,repeats,mesh_sizes", [
+    (2, 2, 1, {"stage": 2, "data": 4}),
+    (2, 3, 1, {"stage": 2, "data": 4}),
+    (4, 4, 1, {"stage": 4, "data": 2}),
+    (4, 6, 1, {"stage": 4, "data": 2}),
+    (2, 4, 1, {"stage": 2, "data": 2, "model": 2}),
+    (2, 3, 2, {"stage": 2, "data": 4}),       # circular
+    (4, 4, 2, {"stage": 4, "model": 2}),      # circular, tensor parallel
 ])
-def test_pipeline_equals_plain_stack(stages, microbatches, mesh_sizes):
+def test_pipeline_equals_plain_stack(stages, microbatches, repeats, mesh_sizes):
   num_layers = 8
   mesh = mesh_lib.make_mesh(mesh_sizes)
   rules = rules_lib.get_rules("3d")
-  params, y_want, grads_want = _reference(num_layers, mesh, rules)
+  # Without tensor parallelism the reference is the unsharded stack; with it, the
+  # plain stack on the same mesh (see _reference).
+  if "model" in mesh_sizes:
+    params, y_want, grads_want = _reference(num_layers, mesh, rules)
+  else:
+    params, y_want, grads_want = _reference(num_layers)
   x_bld, side_b, shared, _ = _inputs()
-  model = PipelinedModel(num_layers, stages, microbatches)
+  model = PipelinedModel(num_layers, stages, microbatches, num_repeats=repeats)
   # Same tree paths, shapes and logical names as the plain stack.
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x_bld, side_b,
                             shared)["params"]
@@ -128,29 +137,30 @@ def test_pipeline_equals_plain_stack(stages, microbatches, mesh_sizes):
   _assert_close(grads_got, grads_want)
   # Microbatches move between stages by collective permutes.
   assert "collective-permute" in hlo
-  if "model" not in mesh_sizes:
-    _, y_single, grads_single = _reference(num_layers)
-    np.testing.assert_allclose(y_got, y_single, rtol=1e-5, atol=1e-5)
-    _assert_close(grads_got, grads_single)
 
 
 def _boxed(x):
   return isinstance(x, nn.meta.AxisMetadata)
 
 
-def test_pipeline_with_remat_and_one_stage():
-  params, y_want, grads_want = _reference(4)
-  mesh = mesh_lib.make_mesh({"data": 8})
-  for model in (PipelinedModel(4, 2, 2, remat_policy="full"), PipelinedModel(4, 1, 4)):
-    y_got, grads_got, _ = _run(model, params, mesh, rules_lib.get_rules("dp"))
-    np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-5)
-    _assert_close(grads_got, grads_want)
+def test_pipeline_with_remat():
+  params, y_want, grads_want = _reference(8)
+  mesh = mesh_lib.make_mesh({"stage": 2, "data": 4})
+  model = PipelinedModel(8, 2, 2, remat_policy="full")
+  y_got, grads_got, _ = _run(model, params, mesh, rules_lib.get_rules("3d"))
+  np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-5)
+  _assert_close(grads_got, grads_want)
 
 
 def test_bad_configuration_errors():
   x_bld, side_b, shared, _ = _inputs()
-  with pytest.raises(ValueError, match="num_layers=6 does not split into num_stages=4"):
+  with pytest.raises(ValueError, match="num_layers=6 does not split into num_stages=4 "
+                     "x num_repeats=1"):
     PipelinedModel(6, 4, 2).init(jax.random.PRNGKey(0), x_bld, side_b, shared)
+  with pytest.raises(ValueError, match="circular schedule needs num_microbatches=2 >= "
+                     "num_stages=4"):
+    PipelinedModel(8, 4, 2, num_repeats=2).init(jax.random.PRNGKey(0), x_bld, side_b,
+                                                shared)
   params, _, _ = _reference(4)
   with pytest.raises(ValueError, match="Pipeline: batch of 24 examples does not split "
                      "into 5 equal microbatches"):
@@ -161,5 +171,6 @@ def test_bubble_fraction():
   assert bubble_fraction(1, 8) == 0.0
   assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
   assert bubble_fraction(2, 6) == pytest.approx(1 / 7)
+  assert bubble_fraction(4, 4, num_repeats=2) == pytest.approx(3 / 11)
   with pytest.raises(ValueError):
     bubble_fraction(0, 4)

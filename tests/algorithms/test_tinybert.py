@@ -1,0 +1,97 @@
+"""TinyBERT's two stages, its layer map, and its run on the synthetic data."""
+
+import jax
+import numpy as np
+import optax
+
+from etjax.algorithms import optim
+from etjax.algorithms import tinybert as tb
+from etjax.algorithms.step import unbox
+from tests.algorithms import distill_fixtures as fx
+
+
+def test_layer_map_is_m_n_over_m():
+  assert tb.tinybert_layer_map(2, 4) == (2, 4)
+  assert tb.tinybert_layer_map(4, 12) == (3, 6, 9, 12)
+  assert tb.tinybert_layer_map(3, 12) == (4, 8, 12)
+  # floor(m N / M) where M does not divide N.
+  assert tb.tinybert_layer_map(4, 6) == (1, 3, 4, 6)
+
+
+def test_stages_switch_and_stage_one_matches_hand_computation():
+  batch = fx.random_batch(4, batch=8, length=10)
+  teacher = fx.classifier(64, 4, 60, classes=3)
+  teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(1),
+                                         batch["input_ids"])["params"]
+  student = fx.classifier(32, 2, 60, classes=3)
+  step = tb.tinybert(student, (teacher, teacher_params), optax.sgd(0.1),
+                     optax.adam(1e-2), intermediate_steps=2, temperature=2.0)
+  state0 = jax.jit(step.init)(jax.random.PRNGKey(0), batch)
+  update = jax.jit(step.update)
+  history, states = [], [state0]
+  for _ in range(3):
+    state, metrics = update(states[-1], batch)
+    states.append(state)
+    history.append(jax.device_get(metrics))
+  assert [float(m["stage"]) for m in history] == [1.0, 1.0, 2.0]
+  for m in history[:2]:
+    assert float(m["distill/kd"]) == 0.0
+    for k in tb.INTERMEDIATE:
+      assert float(m[f"distill/{k}"]) > 0.0
+  assert float(history[2]["distill/kd"]) > 0.0
+  assert all(float(history[2][f"distill/{k}"]) == 0.0 for k in tb.INTERMEDIATE)
+  # Each stage touches only its own optimizer state.
+  adam_count = lambda s: int(optax.tree.get(s.opt_state["prediction"], "count"))
+  assert [adam_count(s) for s in states] == [0, 0, 0, 1]
+  jax.tree.map(np.testing.assert_array_equal, unbox(states[-1].teacher_params),
+               unbox(teacher_params))
+
+  # Stage 1's first loss by hand: pairs (1, 2), (2, 4) of g(m) = m N / M, W_h and W_e.
+  params = unbox(state0.params)
+  kw = dict(output_hidden_states=True, output_attentions=True)
+  forward = jax.jit(lambda m, p, b: m.apply({"params": p}, b["input_ids"],
+                                            b["attention_mask"], **kw).encoder,
+                    static_argnums=0)
+  s_out = forward(student, params["student"], batch)
+  t_out = forward(teacher, unbox(teacher_params), batch)
+  mask = batch["attention_mask"]
+  hidden = params["projections"]["hidden"]
+  embed = params["projections"]["embedding"]
+  lin = lambda x, p: np.asarray(x) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  pairs = [(1, 2), (2, 4)]
+
+  def mse(a, b):
+    m = np.broadcast_to(mask[..., None], a.shape)
+    return ((a - b) ** 2 * m).sum() / m.sum()
+
+  want_hidden = sum(mse(lin(s_out.hidden_states[i], hidden),
+                        np.asarray(t_out.hidden_states[j])) for i, j in pairs)
+  want_embed = mse(lin(s_out.hidden_states[0], embed), np.asarray(t_out.hidden_states[0]))
+  pair_mask = (mask[:, None, :, None] * mask[:, None, None, :]) * np.ones((1, 2, 1, 1))
+  want_att = sum((((np.asarray(s_out.attentions[i - 1]) - np.asarray(
+      t_out.attentions[j - 1])) ** 2) * pair_mask).sum() / pair_mask.sum()
+                 for i, j in pairs)
+  np.testing.assert_allclose(history[0]["distill/hidden_mse"], want_hidden, rtol=1e-5)
+  np.testing.assert_allclose(history[0]["distill/embedding_mse"], want_embed, rtol=1e-5)
+  np.testing.assert_allclose(history[0]["distill/attention_mse"], want_att, rtol=1e-5)
+  np.testing.assert_allclose(history[0]["loss"], want_hidden + want_embed + want_att,
+                             rtol=1e-5)
+
+
+def test_two_stages_on_synthetic_data():
+  """A width-32, 2-layer student distilled from the trained teacher through both
+  stages on the teacher's (unlabelled) training inputs. Measured at seed 0: see the
+  assertion; plain fine-tuning on the 40 labelled reviews gives about 0.55."""
+  tokenizer, encoded = fx.synthetic_data()
+  teacher, teacher_params, teacher_acc = fx.trained_teacher()
+  student = fx.classifier(32, 2, tokenizer.vocab_size)
+  stage1, stage2 = 60, 80
+  step = tb.tinybert(
+      student, (teacher, teacher_params),
+      optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=stage1),
+      optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=stage2),
+      intermediate_steps=stage1, temperature=2.0)
+  state, metrics = fx.fit(step, encoded["teacher"], stage1 + stage2, batch_size=20)
+  assert float(metrics["stage"]) == 2.0
+  acc = fx.accuracy(step, state, encoded["test"])
+  assert acc > 0.7, (acc, teacher_acc)

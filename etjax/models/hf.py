@@ -10,7 +10,6 @@ transformers loads. Each model family describes its weights once, as a list of
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -89,12 +88,8 @@ def register_family(family: Family) -> None:
 
 
 def _family(model_type: str) -> Family:
-  for module in _FAMILY_MODULES:
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      if e.name != module:
-        raise
+  from etjax.models.zoo import import_present  # pylint: disable=g-import-not-at-top
+  import_present(_FAMILY_MODULES)
   if model_type not in _FAMILIES:
     raise ValueError(f"model_type {model_type!r} is not supported; supported: "
                      f"{sorted(_FAMILIES)}")

@@ -62,16 +62,22 @@ def register(name: str, factory: Callable[[], Any]) -> None:
   _CONFIGS[name] = factory
 
 
+def import_present(modules) -> None:
+  """Imports each module that exists (model families register themselves on import);
+  a module that is absent is skipped, an error inside one is raised."""
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      if e.name != module:
+        raise
+
+
 def _load_families() -> None:
   global _loaded_families
   if not _loaded_families:
     _loaded_families = True
-    for module in _FAMILY_MODULES:
-      try:
-        importlib.import_module(module)
-      except ModuleNotFoundError as e:
-        if e.name != module:
-          raise
+    import_present(_FAMILY_MODULES)
 
 
 def list_models() -> list[str]:

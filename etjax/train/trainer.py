@@ -18,6 +18,7 @@ config.gin (when the caller gives one through `write_config`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -156,7 +157,8 @@ class Trainer:
                            donate_argnums=0)
     self._predict = None
     if self.train_step.predict is not None:
-      self._predict = jax.jit(self.train_step.predict,
+      self._predict = jax.jit(functools.partial(_predict_with_targets,
+                                                self.train_step.predict),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=replicated)
 
@@ -318,16 +320,15 @@ class Trainer:
 
   # --- evaluation and prediction ------------------------------------------------------
 
-  def _run_predict(self, state: TrainState, data: Any) -> tuple[dict, dict]:
-    """Runs `predict` over every batch; returns (outputs, host batch columns), each
-    concatenated over batches with the trainer's padding rows removed."""
+  def _run_predict(self, state: TrainState, data: Any) -> dict[str, np.ndarray]:
+    """Runs `predict` over every batch. Returns its outputs plus the batches' 'weight'
+    (and 'labels' when present), each [N, ...] over ALL processes' rows, in global
+    batch order; padding rows (the trainer's, and any of the data) have weight 0."""
     if self._predict is None:
       raise ValueError("this TrainStep has no predict function")
-    batches = iter(data() if callable(data) else data)
     outputs: dict[str, list] = {}
-    columns: dict[str, list] = {}
     padded_size = None
-    for batch in batches:
+    for batch in (data() if callable(data) else data):
       host = self._host_batch(batch)
       size = next(iter(host.values())).shape[0]
       if "weight" not in host:
@@ -342,30 +343,28 @@ class Trainer:
       with self._context():
         out = jax.device_get(self._predict(state, self._device_batch(padded)))
       for k, v in out.items():
-        outputs.setdefault(k, []).append(np.asarray(v)[:size])
-      for k, v in host.items():
-        columns.setdefault(k, []).append(v)
-    if not columns:
+        outputs.setdefault(k, []).append(np.asarray(v))
+    if not outputs:
       raise ValueError("the evaluation/prediction data yielded no batches (an exhausted "
                        "iterator? pass a re-iterable or a callable returning one)")
-    return ({k: np.concatenate(v) for k, v in outputs.items()},
-            {k: np.concatenate(v) for k, v in columns.items()})
+    return {k: np.concatenate(v) for k, v in outputs.items()}
 
   def evaluate(self, state: TrainState, eval_data: Any) -> dict[str, float]:
     """{'accuracy', 'macro_f1', 'auc', 'num_examples'} of `state` over `eval_data`
-    (rows of weight 0 ignored)."""
-    outputs, columns = self._run_predict(state, eval_data)
-    if "logits" not in outputs or "labels" not in columns:
+    (rows of weight 0 ignored; all processes' rows count)."""
+    outputs = self._run_predict(state, eval_data)
+    if "logits" not in outputs or _LABELS not in outputs:
       raise ValueError("evaluate needs 'logits' from predict and 'labels' in the batches")
-    return metrics_lib.classification_metrics(outputs["logits"], columns["labels"],
-                                              columns["weight"])
+    return metrics_lib.classification_metrics(outputs["logits"], outputs[_LABELS],
+                                              outputs[_WEIGHT])
 
   def predict(self, state: TrainState, data: Any) -> dict[str, np.ndarray]:
     """Every output of `predict` as [N, ...] numpy arrays over the rows of `data` with
     weight > 0 (a pipeline's padding dropped), plus 'predictions' [N] (argmax of
     'logits') and 'probabilities' [N, C] (softmax) when logits are present."""
-    outputs, columns = self._run_predict(state, data)
-    keep = columns["weight"] > 0
+    outputs = self._run_predict(state, data)
+    keep = outputs.pop(_WEIGHT) > 0
+    outputs.pop(_LABELS, None)
     result = {k: v[keep] for k, v in outputs.items()}
     if "logits" in result:
       logits = result["logits"].astype(np.float64)
@@ -373,6 +372,18 @@ class Trainer:
       exp = np.exp(logits - logits.max(-1, keepdims=True))
       result["probabilities"] = (exp / exp.sum(-1, keepdims=True)).astype(np.float32)
     return result
+
+
+# Batch columns returned beside the predictions, gathered like them across processes.
+_WEIGHT, _LABELS = "_batch_weight", "_batch_labels"
+
+
+def _predict_with_targets(predict, state, batch):
+  out = dict(predict(state, batch))
+  out[_WEIGHT] = batch["weight"]
+  if "labels" in batch:
+    out[_LABELS] = batch["labels"]
+  return out
 
 
 def _global_size(batch: Mapping[str, jax.Array]) -> int:

@@ -15,6 +15,11 @@ are not. GPU and TPU all-reduce bfloat16 natively; `all_reduce_bytes` reads eith
 the compiled program or, on CPU, the partitioned program before backend passes
 (`jitted.lower(...).as_text(dialect="hlo")`), where the collectives are explicit.
 
+With `hierarchical=True` the mean over ('dcn_data', 'data', ...) is Whale's
+hierarchical all-reduce: a reduce-scatter inside each dcn_data granule (fast network),
+an all-reduce of each device's 1/n slice across granules (slow network), and an
+all-gather inside the granule; the slow network carries 1/n of the gradient bytes.
+
 Parameters are replicated over the batch axes inside the shard_map (data parallelism;
 with fsdp sharding the partitioner's own reduce-scatter is the better tool). Logical
 constraints inside the loss are switched off there, since a shard_map body is per
@@ -29,31 +34,62 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax._src.lax.parallel import all_gather_invariant  # no public alias in jax 0.10
 from jax.sharding import Mesh, PartitionSpec as P
 
 DEFAULT_BATCH_AXES = ("dcn_data", "data", "fsdp")
 
 
-def mean_in_dtype(tree: Any, axes: Sequence[str], comm_dtype: Any) -> Any:
+def mean_in_dtype(tree: Any, axes: Sequence[str], comm_dtype: Any, *,
+                  outer_axes: Sequence[str] = ()) -> Any:
   """Mean over mesh `axes` of every leaf, communicated in `comm_dtype` (inside shard_map).
 
-  Returns the tree with its original dtypes.
+  Args:
+    tree: per-device values (inside a shard_map over `axes`).
+    axes: the mesh axes to average over.
+    comm_dtype: the dtype on the wire.
+    outer_axes: those of `axes` that cross the slow network (e.g. ('dcn_data',)). When
+      given and both parts are bigger than one device, the mean is hierarchical, as in
+      Whale: a reduce-scatter over the inner (fast) axes, an all-reduce of each
+      device's 1/n_inner slice over the outer axes, and an all-gather over the inner
+      axes, so only 1/n_inner of the bytes cross the slow network.
+
+  Returns:
+    The tree of means, with its original dtypes.
   """
   axes = tuple(axes)
   if not axes:
     return tree
+  outer = tuple(a for a in axes if a in tuple(outer_axes))
+  inner = tuple(a for a in axes if a not in outer)
   count = jax.lax.psum(1, axes)
+  hierarchical = bool(outer and inner) and jax.lax.psum(1, inner) > 1 and (
+      jax.lax.psum(1, outer) > 1)
 
-  def reduce(x):
+  def flat_reduce(x):
     total = jax.lax.psum(x.astype(comm_dtype), axes)
     return (total.astype(x.dtype) / count).astype(x.dtype)
-  return jax.tree.map(reduce, tree)
+
+  def hierarchical_reduce(x):
+    n_inner = jax.lax.psum(1, inner)
+    flat = jnp.ravel(x.astype(comm_dtype))
+    flat = jnp.pad(flat, (0, -flat.size % n_inner))
+    part = jax.lax.psum_scatter(flat, inner, scatter_dimension=0, tiled=True)
+    part = jax.lax.psum(part, outer)
+    # The gathered gradient is the same on every device: invariant, as out_specs P()
+    # requires (jax.lax.all_gather would type it as varying).
+    full = all_gather_invariant(part, inner, axis=0, tiled=True)
+    total = jnp.reshape(full[:x.size], x.shape)
+    return (total.astype(x.dtype) / count).astype(x.dtype)
+
+  return jax.tree.map(hierarchical_reduce if hierarchical else flat_reduce, tree)
 
 
 def data_parallel_grad(loss_fn: Callable[..., Any], mesh: Mesh, *,
                        comm_dtype: Any = jnp.float32,
                        batch_axes: Optional[Sequence[str]] = None,
-                       has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+                       has_aux: bool = False,
+                       hierarchical: bool = False) -> Callable[..., tuple[Any, Any]]:
   """value_and_grad of `loss_fn` with gradients all-reduced in `comm_dtype`.
 
   Args:
@@ -65,6 +101,8 @@ def data_parallel_grad(loss_fn: Callable[..., Any], mesh: Mesh, *,
       ('dcn_data', 'data', 'fsdp') that the mesh has.
     has_aux: whether loss_fn returns (loss, aux); aux leaves are averaged over shards
       in float32.
+    hierarchical: reduce gradients inside each `dcn_data` granule first and send only
+      a 1/n slice across the slow network (see `mean_in_dtype`).
 
   Returns:
     grad_fn(params, batch, rng=None) -> (value, grads), like jax.value_and_grad: value
@@ -90,7 +128,9 @@ def data_parallel_grad(loss_fn: Callable[..., Any], mesh: Mesh, *,
     with nn.logical_axis_rules(()):
       value, grads = value_and_grad(params, batch, rng)
     value = jax.tree.map(lambda v: v.astype(jnp.float32), value)
-    return mean_in_dtype(value, axes, jnp.float32), mean_in_dtype(grads, axes, comm_dtype)
+    outer = ("dcn_data",) if hierarchical else ()
+    return (mean_in_dtype(value, axes, jnp.float32),
+            mean_in_dtype(grads, axes, comm_dtype, outer_axes=outer))
 
   def grad_fn(params, batch, rng=None):
     values = nn.meta.unbox(params)
@@ -107,25 +147,30 @@ def data_parallel_grad(loss_fn: Callable[..., Any], mesh: Mesh, *,
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ALL_REDUCE = re.compile(r"=\s*(.+?)\s+all-reduce(?:-start)?\(")
 _ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
 
 
-def all_reduce_bytes(hlo_text: str, *, include_scalars: bool = False) -> dict[str, int]:
-  """Bytes moved by the all-reduces of an HLO module, by element dtype.
+def collective_bytes(hlo_text: str, op: str = "all-reduce", *,
+                     include_scalars: bool = False) -> dict[str, int]:
+  """Bytes of the results of one kind of collective in an HLO module, by dtype.
 
   Args:
     hlo_text: HLO text, e.g. `jitted.lower(...).compile().as_text()` or
-      `jitted.lower(...).as_text(dialect="hlo")`. Combined (tuple) all-reduces count
-      every element; async all-reduce-start counts once (its -done is not counted).
-    include_scalars: count rank-0 all-reduces (losses, metrics) too.
+      `jitted.lower(...).as_text(dialect="hlo")`. Combined (tuple) collectives count
+      every element; an async `<op>-start` counts once (its -done is not counted).
+    op: 'all-reduce', 'reduce-scatter', 'all-gather', 'collective-permute', ...
+      For an all-reduce the result is the size of what each device sends and
+      receives; for a reduce-scatter it is the slice each device keeps, for an
+      all-gather the gathered whole.
+    include_scalars: count rank-0 results (losses, metrics) too.
 
   Returns:
-    {dtype: bytes}, e.g. {'bf16': 1184}; one device's operand bytes per step.
+    {dtype: bytes}, e.g. {'bf16': 1184}, for one device and one step.
   """
+  pattern = re.compile(r"=\s*(.+?)\s+" + re.escape(op) + r"(?:-start)?\(")
   totals: dict[str, int] = {}
   for line in hlo_text.splitlines():
-    match = _ALL_REDUCE.search(line)
+    match = pattern.search(line)
     if not match:
       continue
     for dtype, dims in _ARRAY.findall(match.group(1)):
@@ -136,3 +181,8 @@ def all_reduce_bytes(hlo_text: str, *, include_scalars: bool = False) -> dict[st
         count *= int(d)
       totals[dtype] = totals.get(dtype, 0) + count * _DTYPE_BYTES[dtype]
   return totals
+
+
+def all_reduce_bytes(hlo_text: str, *, include_scalars: bool = False) -> dict[str, int]:
+  """`collective_bytes(hlo_text, 'all-reduce')`: bytes all-reduced per device, by dtype."""
+  return collective_bytes(hlo_text, "all-reduce", include_scalars=include_scalars)

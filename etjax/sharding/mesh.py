@@ -8,9 +8,12 @@ and Linen's logical constraints never meet an axis the mesh lacks.
 `dcn_data` > 1 the devices are grouped into granules (TPU slices, or processes where
 devices carry no slice index), each granule holds one contiguous [1, data, fsdp, stage,
 model] block laid out for its fast interconnect (ICI/NVLink), and the blocks are stacked
-along `dcn_data` (`jax.experimental.mesh_utils.create_hybrid_device_mesh`). A gradient
-reduction over ('dcn_data', 'data', ...) is then lowered by XLA as a reduction inside
-each granule followed by one across granules: Whale's hierarchical all-reduce.
+along `dcn_data` (`jax.experimental.mesh_utils.create_hybrid_device_mesh`). Collectives
+over `data`, `fsdp`, `stage` or `model` then stay inside a granule, and a gradient mean
+over ('dcn_data', 'data', ...) can be done hierarchically, reducing inside each granule
+before anything crosses the slow network: Whale's hierarchical all-reduce
+(etjax.sharding.grad_comm with hierarchical=True does it explicitly; TPU multi-slice
+and NCCL also decompose such all-reduces this way).
 
 Within one process whose devices have no slice index (CPU tests, one GPU host) there
 are no granules to find; the devices are then split in order into `dcn_data` equal

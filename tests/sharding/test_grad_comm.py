@@ -102,3 +102,25 @@ def test_unknown_batch_axis():
   mesh = mesh_lib.make_mesh()
   with pytest.raises(ValueError, match=r"batch_axes \['replica'\] are not axes"):
     grad_comm.data_parallel_grad(_loss, mesh, batch_axes=("replica",))
+
+
+def test_hierarchical_all_reduce_sends_a_slice_across_dcn():
+  params, batch = _setup()
+  mesh = mesh_lib.make_mesh({"dcn_data": 2, "data": 4})
+  with jax.set_mesh(mesh):
+    flat_fn = jax.jit(grad_comm.data_parallel_grad(_loss, mesh))
+    hier_fn = jax.jit(grad_comm.data_parallel_grad(_loss, mesh, hierarchical=True))
+    loss_flat, g_flat = flat_fn(params, batch)
+    lowered = hier_fn.lower(params, batch)
+    loss_hier, g_hier = lowered.compile()(params, batch)
+  text = lowered.as_text(dialect="hlo")
+  leaves = jax.tree.leaves(jax.tree.map(np.asarray, params))
+  # Each leaf is padded to a multiple of the 4 devices of a granule.
+  padded = sum(-(-x.size // 4) * 4 * 4 for x in leaves)
+  assert grad_comm.collective_bytes(text, "reduce-scatter") == {"f32": padded // 4}
+  assert grad_comm.all_reduce_bytes(text) == {"f32": padded // 4}   # across dcn_data
+  assert grad_comm.collective_bytes(text, "all-gather") == {"f32": padded}
+  assert "replica_groups={{0,4},{1,5},{2,6},{3,7}}" in text.replace(" ", "")
+  np.testing.assert_allclose(loss_hier, loss_flat, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_hier), jax.tree.leaves(g_flat)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -16,6 +16,12 @@ import numpy as np
 import sharding_testlib
 
 assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+# Across processes, dcn_data groups the devices by process (the slow-network granule).
+from etjax.sharding.mesh import make_mesh
+hybrid = make_mesh({"dcn_data": 2, "data": 4})
+for granule in range(2):
+  owners = {d.process_index for d in hybrid.devices[granule].flat}
+  assert owners == {granule}, (granule, owners)
 params = sharding_testlib.dp_train()
 index, count = distributed.process_shard()
 flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf

@@ -104,3 +104,30 @@ def test_bad_input_raises(bad, match):
   with pytest.raises(ValueError, match=match):
     rsa_attention(q, k, v, layout, block_size=16, mask=mask, bias=bias,
                   backend=bad.get("backend", "xla"))
+
+
+@pytest.mark.parametrize("backend", ["interpret", "xla"])
+def test_layout_traced_under_jit(backend):
+  # A layout passed as a jit argument is traced: the tables are then built with jnp
+  # and the inverse table keeps its worst-case width.
+  b, length, h, d, bs = 1, 64, 2, 16, 16
+  q, k, v, g, m, _ = make_inputs(9, b, length, h, d, mask=True)
+  layout = make_layout(h, length, bs, 2, seed=4, causal=True)
+
+  def loss(fn, q, k, v, layout):
+    return jnp.sum(fn(q, k, v, layout, block_size=bs, mask=m, causal=True) * g)
+
+  got = jax.jit(jax.grad(lambda *a: loss(
+      lambda *x, **kw: rsa_attention(*x, backend=backend, **kw), *a),
+      argnums=(0, 1, 2)))(q, k, v, jnp.asarray(layout))
+  want = jax.grad(lambda *a: loss(reference_rsa, *a), argnums=(0, 1, 2))(
+      q, k, v, layout)
+  for x, y in zip(got, want):
+    assert rel_err(x, y) <= 1e-5
+
+
+def test_auto_backend_by_platform():
+  from etjax.pallas.rsa import resolve_backend
+  expect = {"cpu": "xla", "gpu": "triton", "tpu": "mosaic"}[jax.default_backend()]
+  assert resolve_backend("auto") == expect
+  assert resolve_backend("interpret") == "interpret"

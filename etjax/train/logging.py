@@ -155,6 +155,8 @@ class ThroughputWindow:
   def add(self, step: int, metrics, examples: int, bar: Progress) -> None:
     """Fetches one update's metrics; raises NonFiniteValue on a NaN/inf loss."""
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if "loss" not in host:
+      raise ValueError(f"TrainStep.update must return a 'loss' metric; got {sorted(host)}")
     if not math.isfinite(host["loss"]):
       raise NonFiniteValue(step, host["loss"])
     if self.started is None:

@@ -1,0 +1,312 @@
+"""Feature-based TL as TrainSteps: FullyShared, SharedPrivate(-Adv), DRSS(-Adv).
+
+All five train a `SharedPrivateClassifier` on batches that mix source and target rows
+(batch['domain'] says which domain each row is from) by minimizing
+
+    L = CE(logits, labels)                                   task loss (weighted)
+      + difference_weight  * sum_k || S_k^T P_k ||_F^2        orthogonality, per domain
+      + adversarial_weight * CE(D(R(S)), domain)              gradient-reversal adversary
+      + drss_weight        * tr(W Omega^-1 W^T)                DRSS matrix-normal prior
+
+where W holds each domain's output weights on the shared features (one column per
+domain). DRSS alternates: a gradient step on every parameter with Omega fixed, then
+Omega <- (W^T W)^(1/2) / tr((W^T W)^(1/2)) in closed form (every `omega_every`
+steps). Omega lives in the state (`FeatureTLState.omega`); `domain_relationships`
+turns it into the correlation matrix to report.
+
+    step = drss_adv(lambda: BagOfEmbeddings(vocab_size=500), tx, num_domains=3)
+    state = step.init(rng, batch)
+    state, metrics = step.update(state, batch)   # metrics['omega/0_1'], ...
+
+Single sentences and sentence pairs differ only in the batch's token_type_ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from etjax.algorithms.feature_losses import (difference_loss, matrix_normal_regularizer,
+                                             omega_closed_form, omega_correlation)
+from etjax.algorithms.finetune import (model_inputs, weighted_accuracy,
+                                       weighted_cross_entropy, with_pretrained)
+from etjax.algorithms.reversal import grl_schedule
+from etjax.algorithms.shared_private import (SharedPrivateClassifier,
+                                             shared_head_weights)
+from etjax.algorithms.step import (Batch, TrainState, TrainStep, apply_gradients,
+                                   next_rng, unbox)
+
+EncoderFactory = Callable[[], nn.Module]
+
+
+@flax.struct.dataclass
+class FeatureTLState(TrainState):
+  """TrainState plus DRSS's domain covariance.
+
+  Attributes:
+    omega: [K, K] Omega (symmetric PSD, trace 1), or None for methods without DRSS.
+  """
+  omega: Optional[jax.Array] = None
+
+
+def _domain_ids(batch: Batch) -> jax.Array:
+  if "domain" not in batch:
+    raise ValueError("feature-based TL batches need a 'domain' entry (int32 [batch]) "
+                     "saying which domain each row comes from")
+  return batch["domain"]
+
+
+def _check_domains(batch: Batch, num_domains: int) -> None:
+  """Rejects out-of-range domain ids when they are concrete (not under tracing)."""
+  domain = _domain_ids(batch)
+  if isinstance(domain, jax.core.Tracer) or isinstance(domain, jax.ShapeDtypeStruct):
+    return
+  domain = np.asarray(domain)
+  if domain.size and (domain.min() < 0 or domain.max() >= num_domains):
+    raise ValueError(f"batch['domain'] holds ids {sorted(set(domain.tolist()))}; the "
+                     f"model has num_domains={num_domains}, so ids must be in "
+                     f"[0, {num_domains}) (remap the data's domain ids first)")
+
+
+def feature_tl_loss(model: SharedPrivateClassifier, *, difference_weight: float = 0.0,
+                    adversarial_weight: float = 0.0, drss_weight: float = 0.0,
+                    label_smoothing: float = 0.0):
+  """The combined loss of the module docstring.
+
+  Returns:
+    loss_fn(params, batch, rng, deterministic, omega=None, grl_scale=1.0) ->
+    (loss [], aux) with aux: logits [B, C], features [B, F], and scalars accuracy,
+    task_loss, difference_loss, domain_loss, domain_accuracy, drss_regularizer (each
+    only where its weight is non-zero).
+  """
+  k = model.num_domains
+
+  def loss_fn(params, batch, rng, deterministic, omega=None, grl_scale=1.0):
+    domain_b = _domain_ids(batch)
+    out = model.apply({"params": params}, *model_inputs(batch), domain_b,
+                      deterministic=deterministic, grl_scale=grl_scale,
+                      rngs={"dropout": rng})
+    weights_b = batch.get("weight")
+    task = weighted_cross_entropy(out.logits, batch["labels"], weights_b, label_smoothing)
+    aux = {"logits": out.logits, "features": out.features, "task_loss": task,
+           "accuracy": weighted_accuracy(out.logits, batch["labels"], weights_b)}
+    loss = task
+    if difference_weight:
+      valid_b = jnp.ones_like(domain_b) if weights_b is None else weights_b > 0
+      diff = sum(difference_loss(out.shared, out.private[d],
+                                 mask_b=valid_b * (domain_b == d)) for d in range(k))
+      aux["difference_loss"] = diff
+      loss = loss + difference_weight * diff
+    if adversarial_weight:
+      domain_loss = weighted_cross_entropy(out.domain_logits, domain_b, weights_b)
+      aux["domain_loss"] = domain_loss
+      aux["domain_accuracy"] = weighted_accuracy(out.domain_logits, domain_b, weights_b)
+      loss = loss + adversarial_weight * domain_loss
+    if drss_weight:
+      reg = matrix_normal_regularizer(shared_head_weights(unbox(params)), omega)
+      aux["drss_regularizer"] = reg
+      loss = loss + drss_weight * reg
+    return loss, aux
+
+  return loss_fn
+
+
+def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransformation, *,
+                    difference_weight: float = 0.0, adversarial_weight: float = 0.0,
+                    drss_weight: float = 0.0, omega_every: int = 1,
+                    omega_eps: float = 1e-6, grl_scale: float = 1.0,
+                    grl_warmup_steps: int = 0, label_smoothing: float = 0.0,
+                    pretrained: Optional[Mapping[str, Any]] = None) -> TrainStep:
+  """A TrainStep minimizing `feature_tl_loss`, with DRSS's alternating Omega update.
+
+  Args:
+    model: the SharedPrivateClassifier.
+    tx: the optimizer of every parameter (encoders, heads, discriminator).
+    difference_weight, adversarial_weight, drss_weight: loss weights (0 = off).
+    omega_every: update Omega in closed form after every this many gradient steps.
+    omega_eps: ridge of the closed form (keeps Omega invertible).
+    grl_scale: the gradient-reversal lambda.
+    grl_warmup_steps: > 0 ramps lambda from 0 to grl_scale over these steps with
+      Ganin's schedule; 0 uses grl_scale throughout.
+    label_smoothing: of the task loss.
+    pretrained: plain arrays for a sub-tree of the params (see `with_pretrained`),
+      e.g. `encoders_pretrained(encoder_params, num_domains)`.
+
+  Returns:
+    TrainStep over FeatureTLState. Metrics: loss, grad_norm, the aux scalars, and for
+    DRSS 'omega/i_j', the correlation of domains i < j under Omega.
+  """
+  if drss_weight and not model.domain_heads:
+    raise ValueError("drss_weight > 0 needs per-domain heads (domain_heads=True)")
+  if adversarial_weight and model.discriminator_hidden is None:
+    raise ValueError("adversarial_weight > 0 needs a discriminator "
+                     "(discriminator_hidden=int)")
+  if difference_weight and not model.private:
+    raise ValueError("difference_weight > 0 needs private encoders")
+  if omega_every < 1:
+    raise ValueError(f"omega_every must be >= 1, got {omega_every}")
+  if grl_warmup_steps < 0:
+    raise ValueError(f"grl_warmup_steps must be >= 0, got {grl_warmup_steps}")
+  k = model.num_domains
+  loss_fn = feature_tl_loss(model, difference_weight=difference_weight,
+                            adversarial_weight=adversarial_weight,
+                            drss_weight=drss_weight, label_smoothing=label_smoothing)
+
+  def init(rng, batch):
+    _check_domains(batch, k)
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init({"params": params_rng, "dropout": params_rng},
+                        *model_inputs(batch), _domain_ids(batch))["params"]
+    if pretrained:
+      params = with_pretrained(params, pretrained)
+    omega = jnp.eye(k, dtype=jnp.float32) / k if drss_weight else None
+    return FeatureTLState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=state_rng, omega=omega)
+
+  def current_grl_scale(step):
+    if not grl_warmup_steps:
+      return jnp.float32(grl_scale)
+    return grl_scale * grl_schedule(jnp.minimum(step / grl_warmup_steps, 1.0))
+
+  def update(state, batch):
+    step_rng, rng = next_rng(state)
+    lam = current_grl_scale(state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, step_rng, False, state.omega, lam)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics.update({n: v for n, v in aux.items() if jnp.ndim(v) == 0})
+    new_state = apply_gradients(state, grads, tx, rng=rng)
+    if drss_weight:
+      fresh = omega_closed_form(shared_head_weights(unbox(new_state.params)),
+                                eps=omega_eps)
+      omega = jnp.where(new_state.step % omega_every == 0, fresh, state.omega)
+      new_state = new_state.replace(omega=omega)
+      corr = omega_correlation(omega)
+      metrics.update({f"omega/{i}_{j}": corr[i, j]
+                      for i in range(k) for j in range(i + 1, k)})
+    if adversarial_weight:
+      metrics["grl_scale"] = lam
+    return new_state, metrics
+
+  def predict(state, batch):
+    batch = dict(batch)
+    if "labels" not in batch:
+      batch["labels"] = jnp.zeros(batch["input_ids"].shape[:1], jnp.int32)
+    _, aux = loss_fn(state.params, batch, state.rng, True, state.omega, 0.0)
+    return {"logits": aux["logits"], "features": aux["features"]}
+
+  return TrainStep(init=init, update=update, predict=predict)
+
+
+def domain_relationships(state: FeatureTLState) -> np.ndarray:
+  """DRSS's learned domain relationships: Omega_ij / sqrt(Omega_ii Omega_jj), [K, K].
+
+  Raises:
+    ValueError: for a state without Omega (not DRSS).
+  """
+  if state.omega is None:
+    raise ValueError("this state has no Omega; only DRSS and DRSS-Adv learn one")
+  return np.asarray(omega_correlation(state.omega))
+
+
+def encoders_pretrained(encoder_params: Mapping[str, Any], num_private: int) -> dict:
+  """The `pretrained` sub-tree loading one encoder's weights into the shared encoder
+  and each of `num_private` private encoders."""
+  out = {"shared": encoder_params}
+  out.update({f"private_{i}": encoder_params for i in range(num_private)})
+  return out
+
+
+def _model(make_encoder: EncoderFactory, *, num_domains: int, num_labels: int,
+           private: bool, domain_heads: bool, discriminator_hidden: Optional[int],
+           dropout_rate: float) -> SharedPrivateClassifier:
+  if num_domains < 1:
+    raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+  return SharedPrivateClassifier(
+      shared=make_encoder(),
+      private=tuple(make_encoder() for _ in range(num_domains)) if private else (),
+      num_domains=num_domains, num_labels=num_labels, domain_heads=domain_heads,
+      discriminator_hidden=discriminator_hidden, dropout_rate=dropout_rate)
+
+
+def fully_shared(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
+                 num_domains: int, num_labels: int = 2, dropout_rate: float = 0.1,
+                 **step_kwargs) -> TrainStep:
+  """FullyShared: one encoder and one head trained on mixed source and target rows.
+
+  Args:
+    make_encoder: () -> a fresh encoder module (e.g. a zoo Encoder or BagOfEmbeddings).
+    tx: the optimizer.
+    num_domains: K (rows' 'domain' ids are in [0, K)).
+    num_labels: C.
+    dropout_rate: on the head's input.
+    **step_kwargs: more `feature_tl_step` arguments (label_smoothing, pretrained).
+  """
+  return feature_tl_step(
+      _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=False,
+             domain_heads=False, discriminator_hidden=None, dropout_rate=dropout_rate),
+      tx, **step_kwargs)
+
+
+def shared_private(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
+                   num_domains: int, num_labels: int = 2, difference_weight: float = 0.05,
+                   dropout_rate: float = 0.1, **step_kwargs) -> TrainStep:
+  """SharedPrivate: shared and per-domain private encoders, one head on [s; p], and
+  the orthogonality loss between s and p. Arguments as `fully_shared`."""
+  return feature_tl_step(
+      _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
+             domain_heads=False, discriminator_hidden=None, dropout_rate=dropout_rate),
+      tx, difference_weight=difference_weight, **step_kwargs)
+
+
+def shared_private_adv(make_encoder: EncoderFactory, tx: optax.GradientTransformation,
+                       *, num_domains: int, num_labels: int = 2,
+                       difference_weight: float = 0.05, adversarial_weight: float = 0.05,
+                       discriminator_hidden: int = 64, dropout_rate: float = 0.1,
+                       **step_kwargs) -> TrainStep:
+  """SharedPrivate-Adv: SharedPrivate plus a domain discriminator on the shared
+  features behind gradient reversal (grl_scale, grl_warmup_steps in step_kwargs)."""
+  return feature_tl_step(
+      _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
+             domain_heads=False, discriminator_hidden=discriminator_hidden,
+             dropout_rate=dropout_rate),
+      tx, difference_weight=difference_weight, adversarial_weight=adversarial_weight,
+      **step_kwargs)
+
+
+def drss(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
+         num_domains: int, num_labels: int = 2, difference_weight: float = 0.05,
+         drss_weight: float = 1e-3, omega_every: int = 1, dropout_rate: float = 0.1,
+         **step_kwargs) -> TrainStep:
+  """DRSS: the shared-private model with one output layer per domain whose
+  shared-feature weights carry the matrix-normal prior with learned Omega."""
+  return feature_tl_step(
+      _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
+             domain_heads=True, discriminator_hidden=None, dropout_rate=dropout_rate),
+      tx, difference_weight=difference_weight, drss_weight=drss_weight,
+      omega_every=omega_every, **step_kwargs)
+
+
+def drss_adv(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
+             num_domains: int, num_labels: int = 2, difference_weight: float = 0.05,
+             drss_weight: float = 1e-3, omega_every: int = 1,
+             adversarial_weight: float = 0.05, discriminator_hidden: int = 64,
+             dropout_rate: float = 0.1, **step_kwargs) -> TrainStep:
+  """DRSS-Adv: DRSS plus the adversarial domain discriminator."""
+  return feature_tl_step(
+      _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
+             domain_heads=True, discriminator_hidden=discriminator_hidden,
+             dropout_rate=dropout_rate),
+      tx, difference_weight=difference_weight, drss_weight=drss_weight,
+      omega_every=omega_every, adversarial_weight=adversarial_weight, **step_kwargs)
+
+
+FEATURE_METHODS: dict[str, Callable[..., TrainStep]] = {
+    "fully_shared": fully_shared, "shared_private": shared_private,
+    "shared_private_adv": shared_private_adv, "drss": drss, "drss_adv": drss_adv}

@@ -186,6 +186,13 @@ class MultiHeadAttention(nn.Module):
   Self-attention when `kv_bld` is None, cross-attention otherwise. `query_init_stddev`
   and `out_init_stddev` initialise the query and output projections (default:
   init_stddev), for models whose init depends on fan-in (T5).
+
+  With `decode`, self-attention keeps a key/value cache in the 'cache' collection
+  (autoregressive decoding, as flax's attention does): the first call, on the full
+  [batch, max_length, embed] input, creates an empty cache and attends as usual; each
+  later call takes one position [batch, 1, embed], writes its key and value at the
+  cache index, and attends to the positions written so far (and key_mask_bl, which
+  then covers all max_length positions).
   """
   num_heads: int
   head_dim: int
@@ -198,6 +205,7 @@ class MultiHeadAttention(nn.Module):
   init_stddev: float = 0.02
   query_init_stddev: Optional[float] = None
   out_init_stddev: Optional[float] = None
+  decode: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -207,6 +215,7 @@ class MultiHeadAttention(nn.Module):
                bias_bhqk: Optional[jax.Array] = None, causal: bool = False,
                deterministic: bool = True, return_probs: bool = False):
     """Returns (out [batch, q_length, embed], probs [batch, heads, q, k] or None)."""
+    self_attention = kv_bld is None
     kv_bld = x_bld if kv_bld is None else kv_bld
     stddev = lambda override: self.init_stddev if override is None else override
     proj = lambda name, init_stddev=self.init_stddev: Dense(
@@ -217,6 +226,9 @@ class MultiHeadAttention(nn.Module):
     q_blhd = constrain(proj("query", stddev(self.query_init_stddev))(x_bld), axes)
     k_blhd = constrain(proj("key")(kv_bld), axes)
     v_blhd = constrain(proj("value")(kv_bld), axes)
+    if self.decode and self_attention:
+      k_blhd, v_blhd, key_mask_bl, causal = self._use_cache(k_blhd, v_blhd, key_mask_bl,
+                                                            causal)
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng("dropout")
@@ -230,3 +242,29 @@ class MultiHeadAttention(nn.Module):
                     init_stddev=stddev(self.out_init_stddev), dtype=self.dtype,
                     param_dtype=self.param_dtype, name="out")(out_blhd)
     return out_bld, probs
+
+  def _use_cache(self, k_blhd, v_blhd, key_mask_bl, causal):
+    """Creates the cache, or appends one position to it and returns the cached keys,
+    values, the mask of the positions written so far, and causal=False (one query)."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_blhd.shape, k_blhd.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_blhd.shape,
+                             v_blhd.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialized:
+      return k_blhd, v_blhd, key_mask_bl, causal
+    if k_blhd.shape[1] != 1:
+      raise ValueError("MultiHeadAttention(decode=True) takes one position per call "
+                       f"after the cache is made, got {k_blhd.shape[1]}")
+    i = index.value
+    k_blhd = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_blhd.astype(
+        cached_k.value.dtype), i, axis=1)
+    v_blhd = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_blhd.astype(
+        cached_v.value.dtype), i, axis=1)
+    k_blhd = constrain(k_blhd, ("batch", "length", "heads", "kv"))
+    v_blhd = constrain(v_blhd, ("batch", "length", "heads", "kv"))
+    cached_k.value, cached_v.value, index.value = k_blhd, v_blhd, i + 1
+    written_bl = (jnp.arange(k_blhd.shape[1]) <= i)[None, :]
+    if key_mask_bl is not None:
+      written_bl = jnp.logical_and(written_bl, key_mask_bl != 0)
+    return k_blhd, v_blhd, written_bl, False

@@ -55,7 +55,8 @@ class LayerStack(nn.Module):
     layer_cls = remat_module(self.layer_cls, self.remat_policy)
     scanned = nn.scan(
         layer_cls,
-        variable_axes={} if self.share_params else {"params": 0},
+        # 'cache' (decoding key/value caches) is per layer even when params are shared.
+        variable_axes={"cache": 0} if self.share_params else {"params": 0, "cache": 0},
         variable_broadcast="params" if self.share_params else False,
         split_rngs={"params": not self.share_params, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),

@@ -102,7 +102,8 @@ class RelativePositionBias(nn.Module):
     return jnp.transpose(bias_qkh, (2, 0, 1))[None]
 
 
-def _attention(config: T5Config, name: str) -> layers.MultiHeadAttention:
+def _attention(config: T5Config, name: str, decode: bool = False
+               ) -> layers.MultiHeadAttention:
   """T5 attention: no biases, unscaled scores, transformers' fan-in initialisation."""
   cfg = config
   factor = cfg.initializer_factor
@@ -111,8 +112,8 @@ def _attention(config: T5Config, name: str) -> layers.MultiHeadAttention:
       backend=cfg.attention, rsa_k=cfg.rsa_k, rsa_block_size=cfg.rsa_block_size,
       dropout_rate=cfg.dropout_rate, init_stddev=factor * cfg.d_model ** -0.5,
       query_init_stddev=factor * (cfg.d_model * cfg.d_kv) ** -0.5,
-      out_init_stddev=factor * (cfg.num_heads * cfg.d_kv) ** -0.5, name=name,
-      **_dtypes(cfg))
+      out_init_stddev=factor * (cfg.num_heads * cfg.d_kv) ** -0.5, decode=decode,
+      name=name, **_dtypes(cfg))
 
 
 class T5Layer(nn.Module):
@@ -123,9 +124,11 @@ class T5Layer(nn.Module):
   side_b['encoder_attention_mask']), feed-forward. Each sub-layer is
   x + dropout(sublayer(rms_norm(x))). side_b['attention_mask'] masks the self-attention
   keys; shared['position_bias'] [1, heads, L, L] is added to the self-attention scores.
+  With `decode` the self-attention keeps a key/value cache (see T5Model.decode).
   """
   config: T5Config
   decoder: bool = False
+  decode: bool = False
   output_hidden_states: bool = False
   output_attentions: bool = False
 
@@ -135,7 +138,7 @@ class T5Layer(nn.Module):
     cfg = self.config
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, name=name, **_dtypes(cfg))
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    attn_bld, probs_bhqk = _attention(cfg, "self_attention")(
+    attn_bld, probs_bhqk = _attention(cfg, "self_attention", self.decode)(
         norm("self_attention_norm")(x_bld), key_mask_bl=side_b["attention_mask"],
         bias_bhqk=shared["position_bias"], causal=self.decoder,
         deterministic=deterministic, return_probs=self.output_attentions)
@@ -163,12 +166,17 @@ class T5Layer(nn.Module):
 class T5Stack(nn.Module):
   """Relative position bias, dropout, the scanned layers, final RMS norm, dropout.
 
-  Call: (x_bld embedded tokens, attention_mask [B, L], encoder_hidden_states
+  Call: (x_bld embedded tokens, attention_mask [B, L] or None, encoder_hidden_states
   [B, S, D] and encoder_attention_mask [B, S] for the decoder) -> (x [B, L, D],
   per-layer outputs {name: [num_layers, ...]}).
+
+  With `decode` (decoder only) the stack caches keys and values: the first call, on
+  [B, max_length, D], makes the cache; each later call runs one position [B, 1, D],
+  the next one, reading the relative position bias of its row.
   """
   config: T5Config
   decoder: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_bld: jax.Array, attention_mask: jax.Array,
@@ -177,12 +185,16 @@ class T5Stack(nn.Module):
                deterministic: bool = True, output_hidden_states: bool = False,
                output_attentions: bool = False):
     cfg = self.config
-    length = x_bld.shape[1]
+    q_length = k_length = x_bld.shape[1]
+    q_offset = 0
+    if self.decode:
+      q_length, k_length, q_offset = self._decode_position(q_length)
     bias_1hqk = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
         cfg.num_heads, bidirectional=not self.decoder,
         init_stddev=cfg.initializer_factor * cfg.d_model ** -0.5,
-        param_dtype=dtype_of(cfg.param_dtype), name="relpos_bias")(length, length)
+        param_dtype=dtype_of(cfg.param_dtype), name="relpos_bias")(
+            q_length, k_length, q_offset)
     side_b = {"attention_mask": attention_mask}
     if self.decoder:
       side_b.update(encoder_hidden_states=encoder_hidden_states,
@@ -190,7 +202,7 @@ class T5Stack(nn.Module):
     x_bld = nn.Dropout(cfg.dropout_rate)(x_bld, deterministic=deterministic)
     x_bld, per_layer = LayerStack(
         layer_cls=T5Layer,
-        layer_kwargs=dict(config=cfg, decoder=self.decoder,
+        layer_kwargs=dict(config=cfg, decoder=self.decoder, decode=self.decode,
                           output_hidden_states=output_hidden_states,
                           output_attentions=output_attentions),
         num_layers=cfg.decoder_layers if self.decoder else cfg.num_layers,
@@ -200,6 +212,22 @@ class T5Stack(nn.Module):
     x_bld = layers.RMSNorm(cfg.layer_norm_epsilon, name="final_norm", **_dtypes(cfg))(x_bld)
     x_bld = nn.Dropout(cfg.dropout_rate)(x_bld, deterministic=deterministic)
     return layers.constrain(x_bld, ("batch", "length", "embed")), per_layer
+
+  def _decode_position(self, length: int):
+    """(q_length, k_length, q_offset) of this call; advances the cached position."""
+    if not self.decoder:
+      raise ValueError("T5Stack: decode needs the decoder stack")
+    made = self.has_variable("cache", "position")
+    # The key positions' count is the cache length; the first call fixes it.
+    keys = self.variable("cache", "key_positions", jnp.arange, length, dtype=jnp.int32)
+    position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+    if not made:
+      return length, length, 0
+    if length != 1:
+      raise ValueError(f"T5 decoding takes one position per call, got {length}")
+    offset = position.value
+    position.value = offset + 1
+    return 1, keys.value.shape[0], offset
 
 
 def _embedding(cfg: T5Config) -> layers.Embed:
@@ -220,15 +248,17 @@ class T5Model(nn.Module):
   Call: (input_ids [B, S], attention_mask [B, S] = all ones, decoder_input_ids [B, T] =
   the start token alone, decoder_attention_mask [B, T] = all ones) -> T5Output.
   `encode` and `decode` (through `module.apply(..., method=...)`) run the halves, as
-  decoding does.
+  decoding does. With `use_cache=True` the decoder caches keys and values (the same
+  parameters; see `decode`).
   """
   config: T5Config
+  use_cache: bool = False
 
   def setup(self):
     cfg = self.config
     self.shared = _embedding(cfg)
     self.encoder = T5Stack(cfg, decoder=False)
-    self.decoder = T5Stack(cfg, decoder=True)
+    self.decoder = T5Stack(cfg, decoder=True, decode=self.use_cache)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.Dense((cfg.vocab_size,), ("embed",), ("vocab",), use_bias=False,
                                   init_stddev=cfg.initializer_factor, **_dtypes(cfg))
@@ -254,11 +284,16 @@ class T5Model(nn.Module):
       decoder_attention_mask: [batch, target_length] (default all ones); causal
         masking is always applied.
 
+    With `use_cache=True` on the module, the first call (with mutable=['cache'], on
+    [batch, max_length] tokens, e.g. zeros) makes an empty key/value cache, and each
+    later call takes the next single token [batch, 1] and returns its outputs
+    [batch, 1, ...]; a decoder_attention_mask then covers all max_length positions.
+
     Returns:
       (hidden [batch, target_length, d_model], logits [batch, target_length, vocab]).
     """
     cfg = self.config
-    ids, decoder_attention_mask = _ids_and_mask(decoder_input_ids, decoder_attention_mask)
+    ids = layers.constrain(jnp.asarray(decoder_input_ids, jnp.int32), ("batch", "length"))
     if attention_mask is None:
       attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
     x_bld = layers.constrain(self.shared(ids), ("batch", "length", "embed"))

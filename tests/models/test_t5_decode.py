@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from etjax.models import hf
-from etjax.models.t5 import T5Encoder
+from etjax.models.t5 import T5Encoder, T5Model
 from etjax.models.t5_decode import greedy_decode
-from t5_testlib import FLAVOURS, expected, fixture_dir
+from t5_testlib import FLAVOURS, assert_close, expected, fixture_dir, tiny_config
 
 MAX_LENGTH = 10  # make_t5_fixtures.MAX_NEW_TOKENS
 
@@ -23,12 +23,14 @@ def _padded(generated: np.ndarray, pad_id: int) -> np.ndarray:
   return np.pad(ids, ((0, 0), (0, MAX_LENGTH - ids.shape[1])), constant_values=pad_id)
 
 
-@pytest.mark.parametrize("name", FLAVOURS)
-def test_greedy_matches_transformers_generate(name):
+@pytest.mark.parametrize("name,use_cache", [(name, True) for name in FLAVOURS]
+                         + [("t5_v1_1", False)])
+def test_greedy_matches_transformers_generate(name, use_cache):
   module, params = hf.from_pretrained(fixture_dir(name))
   e = expected(name)
   # eos_token_id is traced, so one compilation serves both runs.
-  decode = jax.jit(functools.partial(greedy_decode, module, max_length=MAX_LENGTH))
+  decode = jax.jit(functools.partial(greedy_decode, module, max_length=MAX_LENGTH,
+                                     use_cache=use_cache))
   pad = module.config.pad_token_id
   got = decode(params, e["input_ids"], e["attention_mask"],
                eos_token_id=module.config.eos_token_id)
@@ -50,3 +52,50 @@ def test_bad_arguments_are_named():
   module, params = hf.from_pretrained(fixture_dir("t5_v1_0"))
   with pytest.raises(ValueError, match="max_length must be positive, got 0"):
     greedy_decode(module, params, ids, max_length=0)
+
+
+def test_cached_decoder_equals_the_full_decoder_at_every_position():
+  # Teacher-forced: 20 target positions (past max_distance 16, so every bucket kind),
+  # with a decoder padding mask, one token at a time through the cache.
+  module = T5Model(tiny_config(num_decoder_layers=3))
+  rng = np.random.default_rng(0)
+  src = rng.integers(2, 64, size=(2, 7)).astype(np.int32)
+  src_mask = np.array([[1] * 7, [1] * 5 + [0] * 2], np.int32)
+  tgt = rng.integers(2, 64, size=(2, 20)).astype(np.int32)
+  tgt_mask = np.ones_like(tgt)
+  tgt_mask[1, 3] = 0
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), src)["params"]
+  cached = module.clone(use_cache=True)
+
+  @jax.jit
+  def both(params):
+    enc = module.apply({"params": params}, src, src_mask, method=T5Model.encode)
+    _, full = module.apply({"params": params}, tgt, enc, src_mask, tgt_mask,
+                           method=T5Model.decode)
+    _, variables = cached.apply({"params": params}, np.zeros_like(tgt), enc, src_mask,
+                                tgt_mask, method=T5Model.decode, mutable=["cache"])
+
+    def step(cache, token_b):
+      (_, logits_b1v), variables = cached.apply(
+          {"params": params, "cache": cache}, token_b[:, None], enc, src_mask, tgt_mask,
+          method=T5Model.decode, mutable=["cache"])
+      return variables["cache"], logits_b1v[:, 0]
+
+    _, steps_tbv = jax.lax.scan(step, variables["cache"], tgt.T)
+    return full, steps_tbv.transpose(1, 0, 2)
+
+  full, stepped = both(params)
+  assert_close(stepped, full, what="cached logits")
+
+
+def test_cached_decoder_takes_one_position_per_call():
+  module = T5Model(tiny_config(), use_cache=True)
+  ids = np.ones((1, 4), np.int32)
+  params = jax.eval_shape(module.init, jax.random.PRNGKey(0), ids)["params"]
+  enc = np.zeros((1, 4, 16), np.float32)
+  _, variables = jax.eval_shape(lambda p: module.apply(
+      {"params": p}, ids, enc, method=T5Model.decode, mutable=["cache"]), params)
+  with pytest.raises(ValueError, match="one position per call, got 2"):
+    jax.eval_shape(lambda p, c: module.apply({"params": p, "cache": c}, ids[:, :2], enc,
+                                             method=T5Model.decode, mutable=["cache"]),
+                   params, variables["cache"])

@@ -49,7 +49,8 @@ def test_slurm_one_process_per_node(tmp_path):
   lines = [l for l in proc.stdout.splitlines() if l.startswith("id=")]
   assert lines == [
       f"id={i} n=2 coord=node-a:12355 local=all lhs=1 "
-      "args=train --gin_file=gin/runs/x.gin --gin.a=1" for i in range(2)]
+      "args=train --gin_file=gin/runs/x.gin --gin.a=1" for i in range(2)], (
+          proc.stdout, proc.stderr)
 
 
 def test_slurm_one_process_per_gpu(tmp_path):

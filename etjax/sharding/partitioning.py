@@ -109,3 +109,27 @@ def validate_divisibility(abstract_state: Any, mesh: Mesh, rules: Rules) -> None
   if problems:
     raise ValueError("parameters do not divide over the mesh "
                      f"{dict(mesh.shape)}:\n  " + "\n  ".join(problems))
+
+
+def validate_batch_divisibility(batch: Any, mesh: Mesh, rules: Rules) -> None:
+  """Checks that every batch array's leading dimension divides over the batch axes.
+
+  Args:
+    batch: a dict (or pytree) of arrays or ShapeDtypeStructs with a leading batch axis.
+
+  Raises:
+    ValueError: naming the batch key, its shape and the mesh axes of 'batch'.
+  """
+  spec = batch_sharding(mesh, rules).spec
+  axes = _axes_of(spec[0]) if len(spec) else ()
+  shards = math.prod(mesh.shape[a] for a in axes)
+  problems = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    shape = tuple(jax.numpy.shape(leaf))
+    if not shape or shape[0] % shards:
+      problems.append(f"batch[{path_str(path)!r}] of shape {shape}")
+  if problems:
+    axes_desc = " x ".join(f"{a!r} (size {mesh.shape[a]})" for a in axes)
+    raise ValueError(f"the batch's leading dimension must be divisible by {shards}, the "
+                     f"mesh axes {axes_desc} that 'batch' maps to: "
+                     + ", ".join(problems))

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from etjax.sharding.partitioning import batch_sharding, state_shardings
+from etjax.sharding.partitioning import (batch_sharding, state_shardings,
+                                        validate_batch_divisibility)
 from etjax.sharding.rules import Rules
 
 GIB = 1024 ** 3
@@ -138,10 +139,11 @@ def plan(train_step: Any, batch_shapes_dtypes: Mapping[str, Any], mesh: Mesh,
     A MemoryPlan.
 
   Raises:
-    ValueError: from the divisibility check, naming a parameter a mesh axis does not
-      divide.
+    ValueError: from the divisibility checks, naming a parameter or batch array that
+      the mesh does not divide.
   """
   batch = {k: _abstract(v) for k, v in batch_shapes_dtypes.items()}
+  validate_batch_divisibility(batch, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_state = jax.eval_shape(train_step.init, jax.random.PRNGKey(0), batch)
     shardings = state_shardings(abstract_state, mesh, rules)

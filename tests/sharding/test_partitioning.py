@@ -101,3 +101,14 @@ def test_indivisible_over_combined_axes():
   rules = (("embed", ("data", "fsdp")),)
   with pytest.raises(ValueError, match=r"'data' \(size 2\) x 'fsdp' \(size 4\)"):
     partitioning.validate_divisibility({"w": box}, mesh, rules)
+
+
+def test_batch_divisibility():
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+  rules = rules_lib.get_rules("2d")
+  partitioning.validate_batch_divisibility({"input_ids": IDS}, mesh, rules)
+  with pytest.raises(ValueError, match=r"divisible by 4, the mesh axes 'dcn_data' "
+                     r"\(size 1\) x 'data' \(size 2\) x 'fsdp' \(size 2\) that 'batch' maps "
+                     r"to: batch\['labels'\] of shape \(6,\)"):
+    partitioning.validate_batch_divisibility(
+        {"input_ids": IDS, "labels": jnp.zeros((6,), jnp.int32)}, mesh, rules)

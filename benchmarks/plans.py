@@ -36,6 +36,7 @@ class PlanSpec:
   remat: str = "full"
   optimizer: str = "adamw"
   device_memory_gib: float = 80.0
+  pipeline: tuple[int, int] = (1, 1)   # (stages, microbatches)
 
 
 SPECS = (
@@ -43,6 +44,10 @@ SPECS = (
     # parallelism on 64 devices, two data-parallel replicas.
     PlanSpec("t5-11b", "data=2,fsdp=4,model=8", "2d", batch=128, length=512,
              target_length=128, optimizer="adafactor"),
+    # The same with pipeline parallelism (GPipe, 2 stages x 8 microbatches) in place of
+    # one data-parallel replica: Whale's data + model + pipeline hybrid.
+    PlanSpec("t5-11b", "fsdp=4,stage=2,model=8", "3d", batch=128, length=512,
+             target_length=128, optimizer="adafactor", pipeline=(2, 8)),
     # ALBERT-xxlarge and BERT-large with data parallelism on 8 devices.
     PlanSpec("albert-xxlarge", "data=8", "dp", batch=64, length=512),
     PlanSpec("bert-large", "data=8", "dp", batch=256, length=512),
@@ -69,7 +74,9 @@ def _train_step_and_batch(spec: PlanSpec):
   from etjax.models.config import EncoderConfig
   from etjax.models.heads import SequenceClassifier
 
-  config = zoo.get_config(spec.model, dtype=spec.dtype, remat_policy=spec.remat)
+  config = zoo.get_config(spec.model, dtype=spec.dtype, remat_policy=spec.remat,
+                          pipeline_stages=spec.pipeline[0],
+                          pipeline_microbatches=spec.pipeline[1])
   tx = optim.make_optimizer(spec.optimizer, learning_rate=1e-4, total_steps=1000)
   ids = jax.ShapeDtypeStruct((spec.batch, spec.length), jnp.int32)
   if isinstance(config, EncoderConfig):
@@ -123,12 +130,14 @@ def main(argv: Optional[list[str]] = None) -> int:
   if not specs:
     parser.error(f"no plan for {args.only}; known: {[s.model for s in SPECS]}")
   fake_devices.ensure_fake_devices(max(_num_devices(s.mesh) for s in specs))
-  from etjax.sharding.plan import human_bytes  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from etjax.sharding.pipeline import bubble_fraction
+  from etjax.sharding.plan import human_bytes
   if not args.json:
-    print("| model | mesh | rules | batch x length | dtype / remat / optimizer | params "
-          "| params/dev | opt/dev | grads/dev (est.) | temp/dev | peak/dev | fits 80 GiB "
-          "| compile s |")
-    print("|" + "---|" * 13)
+    print("| model | mesh | rules | pipeline (stages x microbatches, bubble) "
+          "| batch x length | dtype / remat / optimizer | params | params/dev | opt/dev "
+          "| grads/dev (est.) | temp/dev | peak/dev | fits 80 GiB | compile s |")
+    print("|" + "---|" * 14)
   for spec in specs:
     result = run(spec)
     if args.json:
@@ -136,7 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
       length = (f"{spec.length}" if not spec.target_length
                 else f"{spec.length}+{spec.target_length}")
-      print(f"| {spec.model} | {spec.mesh} | {spec.rules} | {spec.batch} x {length} | "
+      stages, micro = spec.pipeline
+      pipe = ("none" if stages == 1 else
+              f"{stages} x {micro}, {bubble_fraction(stages, micro):.0%}")
+      print(f"| {spec.model} | {spec.mesh} | {spec.rules} | {pipe} | {spec.batch} x {length} | "
             f"{spec.dtype} / {spec.remat} / {spec.optimizer} | "
             f"{result.parameter_count / 1e9:.2f} B | "
             f"{human_bytes(result.parameter_bytes)} | {human_bytes(result.optimizer_bytes)} | "

@@ -125,6 +125,7 @@ def episode_loss(task_loss: Callable[[PyTree, Batch], jax.Array], params: PyTree
     ([] query loss at the adapted params, [] int support group g). The support is
     `batch` with weight weights_b * (groups_b == g), the query with (groups_b != g).
   """
+  groups_b, weights_b = jnp.asarray(groups_b), jnp.asarray(weights_b)
   valid_b = weights_b > 0
   row = jax.random.categorical(rng, jnp.where(valid_b, 0.0, -jnp.inf))
   group = groups_b[row]

@@ -11,17 +11,19 @@ parameters stacked on a leading 'layers' axis:
 with the layer interface `layer(x_bld, side_b, shared, deterministic) -> (x_bld, outputs)`.
 `Pipeline` holds EXACTLY those parameters (same tree paths, shapes and logical names;
 it shares its scope with such a scan, which also creates them at init), so one set of
-parameters runs either way. Applied, it groups the layers into S stages of L/S
-consecutive layers ([L, ...] -> [S, L/S, ...], stage dimension on the 'stage' logical
-axis), splits the batch into M microbatches (strided, see microbatch.py) and runs the
-GPipe schedule: at clock tick t stage s works on microbatch t - s, all stages at once
-(a vmap over the stage dimension, which the SPMD partitioner splits over the 'stage'
-mesh axis), and the stage outputs move one stage on with a roll of the stage
-dimension, which XLA lowers to a collective permute between neighbouring stages. After
-T = R*M + S - 1 ticks (R = 1 for GPipe) every microbatch has left the last stage. The
-backward pass is the reverse schedule, by differentiating the loop. Data and tensor parallelism compose
-through the other mesh axes: the microbatch dimension keeps the 'batch' sharding and
-the layer's own logical constraints and parameter shardings apply inside each stage.
+parameters runs either way.
+
+Applied, it groups the layers into S stages of L/S consecutive layers ([L, ...] ->
+[S, L/S, ...], stage dimension on the 'stage' logical axis), splits the batch into M
+microbatches (strided, see microbatch.py) and runs the GPipe schedule: at clock tick t
+stage s works on microbatch t - s, all stages at once (a vmap over the stage dimension,
+which the SPMD partitioner splits over the 'stage' mesh axis), and the stage outputs
+move one stage on with a roll of the stage dimension, which XLA lowers to a collective
+permute between neighbouring stages. After T = R*M + S - 1 ticks (R = 1 for GPipe)
+every microbatch has left the last stage. The backward pass is the reverse schedule, by
+differentiating the loop. Data and tensor parallelism compose through the other mesh
+axes: the microbatch dimension keeps the 'batch' sharding, and the layer's own logical
+constraints and parameter shardings apply inside each stage.
 
 The circular schedule (num_repeats R > 1, as in MaxText and Megatron's interleaved
 schedule) cuts the stack into S * R blocks; stage s runs blocks s, s + S, ..., so each
@@ -32,18 +34,18 @@ parameters between stages each step. It needs M >= S: a microbatch leaving the l
 stage waits in a buffer until stage 0 is free to take it round again.
 
 Idle stage slots (the bubble, a fraction `bubble_fraction(S, M, R)` of the ticks)
-compute on placeholder inputs whose results are never used. Per-layer `outputs` are not collected
-in pipeline mode (the call returns (x_bld, None)); use the plain stack where a model
-needs per-layer hidden states. Only the 'params' collection is supported, and dropout
-masks come from the 'dropout' rng folded with the layer and microbatch index, so with
-dropout they differ from the plain stack's masks (deterministic runs are identical).
-Under a rules table that maps 'stage' to no mesh axis (every preset but 3d) the
-pipeline still computes the same function, with every device running every stage.
+compute on placeholder inputs whose results are never used. Per-layer `outputs` are not
+collected in pipeline mode (the call returns (x_bld, None)); use the plain stack where a
+model needs per-layer hidden states. Only the 'params' collection is supported, and
+dropout masks come from the 'dropout' rng folded with the layer and microbatch index,
+so with dropout they differ from the plain stack's masks (deterministic runs are
+identical). Under a rules table that maps 'stage' to no mesh axis (every preset but 3d)
+the pipeline still computes the same function, with every device running every stage.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -87,9 +89,9 @@ def scanned_layers(layer_cls: Any, num_layers: int, remat_policy: str = "none"):
 
 def _constrain(tree: Any, leading: tuple) -> Any:
   """Logical constraint: the given leading axes, every other dimension left free."""
-  return jax.tree.map(
-      lambda x: nn.with_logical_constraint(x, leading + (_FREE,) * (x.ndim - len(leading))),
-      tree)
+  def constrain(x):
+    return nn.with_logical_constraint(x, leading + (_FREE,) * (x.ndim - len(leading)))
+  return jax.tree.map(constrain, tree)
 
 
 class Pipeline(nn.Module):

@@ -100,12 +100,13 @@ def human_bytes(num: int) -> str:
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  """A ShapeDtypeStruct from a ShapeDtypeStruct, a (shape, dtype) pair or an array."""
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   if isinstance(x, tuple) and len(x) == 2:
     return jax.ShapeDtypeStruct(tuple(x[0]), np.dtype(x[1]))
-  return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype")
-                              else x.dtype)
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  return jax.ShapeDtypeStruct(np.shape(x), dtype)
 
 
 def _per_device_bytes(tree: Any, shardings: Any) -> int:

@@ -39,6 +39,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
     return_probs: bool = False,
+    q_offset: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[jax.Array]]:
   """Attends queries to keys and mixes values.
 
@@ -56,6 +57,10 @@ def dot_product_attention(
     dropout_rate, dropout_rng: dropout on the attention probabilities (no dropout
       when dropout_rng is None; with 'rsa' it runs RSA's XLA path, see _rsa_attention).
     return_probs: also return the probabilities [batch, heads, q_length, kv_length].
+    q_offset: when decoding with a key/value cache, the position of the first query
+      among the keys (int or int32 scalar, may be traced). Only 'rsa' reads it, to
+      pick the causal layout rows of the queries' blocks; 'dense' needs nothing
+      beyond key_mask_bl.
 
   Returns:
     (out [batch, q_length, heads, head_dim], probs or None).
@@ -69,7 +74,8 @@ def dot_product_attention(
                           bias_bhqk=bias_bhqk, causal=causal, scale=scale,
                           rsa_k=rsa_k, rsa_block_size=rsa_block_size,
                           rsa_seed=rsa_seed, dropout_rate=dropout_rate,
-                          dropout_rng=dropout_rng, return_probs=return_probs)
+                          dropout_rng=dropout_rng, return_probs=return_probs,
+                          q_offset=q_offset)
   return _dense_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
                           bias_bhqk=bias_bhqk, causal=causal, scale=scale,
                           dropout_rate=dropout_rate, dropout_rng=dropout_rng,
@@ -123,7 +129,7 @@ def _cached_layout(heads: int, length: int, block_size: int, k: int, seed: int,
 
 def _rsa_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, scale,
                    rsa_k, rsa_block_size, rsa_seed, dropout_rate, dropout_rng,
-                   return_probs):
+                   return_probs, q_offset=None):
   """Random Sparse Attention (etjax.pallas.rsa) for self-attention.
 
   - Layout: `make_layout(heads, kv_length, rsa_block_size, rsa_k, rsa_seed, causal)`,
@@ -136,14 +142,26 @@ def _rsa_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, sc
     the XLA path (block-sparse, with dropout) runs instead.
   - return_probs: computed on the dense reference path (O(n^2)); the probabilities are
     zero outside the layout's blocks. Meant for distillation and inspection.
-  - Decoding with a cache (causal, q_length < kv_length): the queries are the last
-    positions; their layout rows are expanded to a mask over the cache.
-  - Cross-attention (not causal, q_length != kv_length) has no block layout and runs
-    dense.
+  - Decoding with a cache: with `q_offset` (the queries' position in the cache) the
+    attention is a causal decoder's, so the causal layout of the cache length is used
+    and the queries' rows are expanded to a mask over the cache (dense over the few
+    queries); without it, causal q_length < kv_length takes the queries to be the
+    last positions. The layout depends on the length, so decoding reproduces
+    training's layout when the cache length equals the training length.
+  - Cross-attention (no q_offset, not causal, q_length != kv_length) has no block
+    layout and runs dense.
   - A query row that may attend to nothing gets zeros (the dense branch averages).
   """
   b, lq, h, _ = q_blhd.shape
   lk = k_blhd.shape[1]
+  if q_offset is not None:
+    rsa.num_blocks(lk, rsa_block_size, "RSA cache length (rsa_block_size)")
+    layout = _cached_layout(h, lk, rsa_block_size, rsa_k, rsa_seed, True)
+    bias = None if bias_bhqk is None else jnp.broadcast_to(
+        bias_bhqk, (bias_bhqk.shape[0] if bias_bhqk.ndim == 4 else 1, h, lq, lk))
+    return _rsa_masked_dense(q_blhd, k_blhd, v_blhd, layout, key_mask_bl, bias,
+                             causal, scale, rsa_block_size, dropout_rate,
+                             dropout_rng, return_probs, q_offset=q_offset)
   if lq != lk and not causal:
     return _dense_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
                             bias_bhqk=bias_bhqk, causal=False, scale=scale,
@@ -178,15 +196,22 @@ def _divides(mesh, n: int, axes) -> bool:
 
 
 def _rsa_masked_dense(q_blhd, k_blhd, v_blhd, layout, key_mask_bl, bias, causal,
-                      scale, block_size, dropout_rate, dropout_rng, return_probs):
-  """RSA computed densely: scores masked by the layout's blocks (queries are the last
-  q_length positions). Returns (out [B, Lq, H, D], probs [B, H, Lq, Lk] or None)."""
+                      scale, block_size, dropout_rate, dropout_rng, return_probs,
+                      q_offset=None):
+  """RSA computed densely: scores masked by the layout's blocks, the queries at
+  positions q_offset + [0, q_length) (default: the last q_length positions).
+
+  Returns (out [B, Lq, H, D], probs [B, H, Lq, Lk] or None)."""
   lq, lk = q_blhd.shape[1], k_blhd.shape[1]
-  block_mask_hqk = rsa.expand_layout(layout, block_size, lk)[:, lk - lq:]
+  q_offset = lk - lq if q_offset is None else q_offset
+  block_mask_hqk = jax.lax.dynamic_slice_in_dim(
+      rsa.expand_layout(layout, block_size, lk), q_offset, lq, axis=1)
   allowed = block_mask_hqk[None]
-  mask = attention_mask_bhqk(key_mask_bl, lq, lk, causal)
-  if mask is not None:
-    allowed = allowed & mask
+  if key_mask_bl is not None:
+    allowed = allowed & (key_mask_bl != 0)[:, None, None, :]
+  if causal:
+    q_pos = q_offset + jnp.arange(lq)
+    allowed = allowed & (q_pos[:, None] >= jnp.arange(lk)[None, :])
   scores_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blhd, k_blhd,
                            preferred_element_type=jnp.float32) * scale
   if bias is not None:

@@ -185,3 +185,23 @@ def test_t5_rsa_k2_kernels_match_xla_path_with_gradients(monkeypatch):
   relpos = [g for p, g in jax.tree_util.tree_leaves_with_path(got)
             if "relpos_bias" in jax.tree_util.keystr(p)]
   assert relpos and all(np.abs(np.asarray(g)).sum() > 0 for g in relpos)
+
+
+def test_rsa_decoding_step_by_step_with_q_offset_matches_the_full_sequence():
+  # As MultiHeadAttention(decode=True) calls it: one query, the whole cache, the
+  # written positions as the key mask, causal=False, and the query's position.
+  b, length, h, d, bs = 2, 32, 2, 8, 8
+  q, k, v = _qkv(b, length, length, h, d, 9)
+  common = dict(backend="rsa", rsa_k=2, rsa_block_size=bs, rsa_seed=1)
+  full, _ = dot_product_attention(q, k, v, causal=True, **common)
+
+  @jax.jit
+  def step(i):
+    q_i = jax.lax.dynamic_slice_in_dim(q, i, 1, axis=1)
+    written = jnp.broadcast_to(jnp.arange(length) <= i, (b, length))
+    out, _ = dot_product_attention(q_i, k, v, key_mask_bl=written, causal=False,
+                                   q_offset=i, **common)
+    return out[:, 0]
+
+  got = jnp.stack([step(jnp.int32(i)) for i in range(length)], axis=1)
+  assert rel_err(got, full) <= 1e-5

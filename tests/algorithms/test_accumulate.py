@@ -27,7 +27,8 @@ def _loss(params, batch, rng):
   logp_bc = jax.nn.log_softmax(logits_bc)
   nll_b = -jnp.take_along_axis(logp_bc, batch["labels"][:, None], axis=1)[:, 0]
   accuracy = jnp.mean(jnp.argmax(logits_bc, -1) == batch["labels"])
-  return jnp.mean(nll_b), {"accuracy": accuracy, "mean_logit": jnp.mean(logits_bc)}
+  return jnp.mean(nll_b), {"accuracy": accuracy, "mean_logit": jnp.mean(logits_bc),
+                          "logits_bc": logits_bc}
 
 
 def _setup(batch_size=24):
@@ -47,8 +48,9 @@ def test_equals_full_batch_gradient(num_microbatches):
   (loss_m, metrics_m), grads_m = acc(params, batch)
   assert isinstance(grads_m["w"], nn.LogicallyPartitioned)  # boxes survive
   np.testing.assert_allclose(loss_m, loss, rtol=1e-5)
-  for name in metrics:
+  for name in metrics:  # scalars averaged, per-example logits back in batch order
     np.testing.assert_allclose(metrics_m[name], metrics[name], rtol=1e-5, atol=1e-7)
+  assert metrics_m["logits_bc"].shape == (24, 3)
   for g_m, g in zip(jax.tree.leaves(grads_m), jax.tree.leaves(grads)):
     np.testing.assert_allclose(g_m, g, rtol=1e-5, atol=1e-7)
 

@@ -137,7 +137,8 @@ def _rsa_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, sc
     rsa_block_size (a ValueError says so). rsa_k=1 is dense attention.
   - Implementation: rsa's 'auto' backend (Pallas kernels on GPU/TPU, the XLA gather
     path on CPU). Under a mesh of several devices the kernels run per device through
-    shard_map (heads on 'model', batch on 'data'/'fsdp') when the sizes divide.
+    shard_map (heads on 'model', batch on 'dcn_data'/'data'/'fsdp') when the sizes
+    divide.
   - Attention-probability dropout: the kernels have none, so while dropout is active
     the XLA path (block-sparse, with dropout) runs instead.
   - return_probs: computed on the dense reference path (O(n^2)); the probabilities are
@@ -186,7 +187,7 @@ def _rsa_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, sc
     return out, None
   mesh = jax.sharding.get_abstract_mesh()
   if (rsa.resolve_backend("auto") != "xla" and not mesh.empty and mesh.size > 1
-      and _divides(mesh, b, ("data", "fsdp")) and _divides(mesh, h, ("model",))):
+      and _divides(mesh, b, rsa.BATCH_AXES) and _divides(mesh, h, ("model",))):
     return rsa.rsa_attention_sharded(q_blhd, k_blhd, v_blhd, layout, **common), None
   return rsa.rsa_attention(q_blhd, k_blhd, v_blhd, layout, **common), None
 

@@ -8,7 +8,7 @@ Public entry points:
 - `make_layout(num_heads, seq_len, block_size, k, seed, causal=False)`;
 - `rsa_attention(q, k, v, layout, *, block_size, ...)`, q/k/v [B, L, H, D];
 - `rsa_attention_sharded(...)`: the same per device under a mesh (shard_map, heads on
-  'model', batch on 'data' and 'fsdp');
+  'model', batch on 'dcn_data', 'data' and 'fsdp');
 - `reference_rsa(...)`: dense attention with the layout as a block mask, for tests.
 
 Backends of `rsa_attention`:
@@ -47,6 +47,8 @@ __all__ = ["BACKENDS", "make_layout", "expand_layout", "rsa_attention",
            "rsa_attention_sharded", "reference_rsa"]
 
 BACKENDS = ("auto", "pallas", "interpret", "interpret_tpu", "xla")
+# Mesh axes that split the batch under rsa_attention_sharded (missing ones skipped).
+BATCH_AXES = ("dcn_data", "data", "fsdp")
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
@@ -199,7 +201,7 @@ def _mesh_axes(mesh, names: Sequence[str]):
 def rsa_attention_sharded(q, k, v, layout, *, block_size: int, mesh=None, mask=None,
                           bias=None, causal: bool = False,
                           scale: Optional[float] = None, backend: str = "auto",
-                          batch_axes: Sequence[str] = ("data", "fsdp"),
+                          batch_axes: Sequence[str] = BATCH_AXES,
                           head_axis: str = "model") -> jax.Array:
   """`rsa_attention` run per device with `jax.shard_map`.
 

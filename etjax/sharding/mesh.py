@@ -86,13 +86,13 @@ def resolve_axis_sizes(axis_sizes: Optional[Mapping[str, int]],
 
 def _granules(devices: Sequence[jax.Device], count: int) -> list[list[jax.Device]]:
   """Devices grouped by slice, else by process, else (one process) in order."""
-  for attr in ("slice_index", "process_index"):
+  for attr, what in (("slice_index", "slices"), ("process_index", "processes")):
     keys = sorted({getattr(d, attr, None) for d in devices} - {None})
     if len(keys) > 1:
       groups = [[d for d in devices if getattr(d, attr) == k] for k in keys]
       if len(groups) != count:
         raise ValueError(f"dcn_data={count} but the devices span {len(groups)} "
-                         f"{attr.split('_')[0]}s; dcn_data must equal that number")
+                         f"{what}; dcn_data must equal that number")
       return groups
   per = len(devices) // count
   return [list(devices[i * per:(i + 1) * per]) for i in range(count)]

@@ -22,6 +22,11 @@ hybrid = make_mesh({"dcn_data": 2, "data": 4})
 for granule in range(2):
   owners = {d.process_index for d in hybrid.devices[granule].flat}
   assert owners == {granule}, (granule, owners)
+try:
+  make_mesh({"dcn_data": 4, "data": 2})
+  raise AssertionError("dcn_data=4 over 2 processes should fail")
+except ValueError as e:
+  assert "dcn_data=4 but the devices span 2 processes" in str(e), e
 params = sharding_testlib.dp_train()
 index, count = distributed.process_shard()
 flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf

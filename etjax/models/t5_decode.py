@@ -1,16 +1,11 @@
 """Greedy decoding for the T5 encoder-decoder, as one jit-friendly loop.
 
 The source is encoded once; then a `lax.while_loop` emits one token per step (stopping
-early once every sequence has ended), with static shapes throughout. Two ways to run
-the decoder each step:
-  - use_cache=True (default): the decoder keeps each layer's self-attention keys and
-    values in a [batch, max_length, heads, d_kv] cache and runs only the newest token
-    (T5Model(use_cache=True), same parameters); cross-attention keys and values are
-    recomputed from the encoder output each step.
-  - use_cache=False: the decoder reruns the whole [batch, max_length] buffer of tokens
-    so far and the logits at the current position are read; causal masking makes the
-    positions not yet written irrelevant. max_length times the work, no cache memory;
-    it is the reference the cached path is tested against.
+early once every sequence has ended), with static shapes throughout. The decoder keeps
+each layer's self-attention keys and values in a [batch, max_length, heads, d_kv]
+cache and runs only the newest token each step (T5Model(use_cache=True), the same
+parameters); cross-attention keys and values are recomputed from the encoder output
+each step.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from etjax.models.t5 import T5Model
 
 def greedy_decode(module: T5Model, params: Any, input_ids: jax.Array,
                   attention_mask: Optional[jax.Array] = None, *, max_length: int,
-                  eos_token_id: Optional[int] = None, use_cache: bool = True) -> jax.Array:
+                  eos_token_id: Optional[int] = None) -> jax.Array:
   """Generates up to `max_length` tokens per example by taking the argmax each step.
 
   Matches transformers' `generate(do_sample=False, num_beams=1,
@@ -39,7 +34,6 @@ def greedy_decode(module: T5Model, params: Any, input_ids: jax.Array,
     attention_mask: [batch, source_length], default all ones.
     max_length: how many tokens to generate (static).
     eos_token_id: the end token (may be traced); default the config's.
-    use_cache: keep a key/value cache (see the module docstring).
 
   Returns:
     int32 [batch, max_length] generated token ids.
@@ -60,26 +54,18 @@ def greedy_decode(module: T5Model, params: Any, input_ids: jax.Array,
   tokens_bt = jnp.full((batch, max_length + 1), cfg.pad_token_id, jnp.int32)
   tokens_bt = tokens_bt.at[:, 0].set(cfg.decoder_start_token_id)
 
-  if use_cache:
-    cached = module.clone(use_cache=True)
-    # The first decode call makes the empty cache (its values do not depend on params).
-    _, variables = cached.apply({"params": params}, tokens_bt[:, :max_length], encoded_bsd,
-                                attention_mask, method=T5Model.decode, mutable=["cache"])
-    cache = variables["cache"]
-  else:
-    cache = {}
+  cached = module.clone(use_cache=True)
+  # The first decode call makes the empty cache (its values do not depend on params).
+  _, variables = cached.apply({"params": params}, tokens_bt[:, :max_length], encoded_bsd,
+                              attention_mask, method=T5Model.decode, mutable=["cache"])
 
   def next_logits(step, tokens_bt, cache):
     """Logits [batch, vocab] after the tokens up to `step`, and the updated cache."""
-    if use_cache:
-      token_b1 = jax.lax.dynamic_slice_in_dim(tokens_bt, step, 1, axis=1)
-      (_, logits_b1v), variables = cached.apply(
-          {"params": params, "cache": cache}, token_b1, encoded_bsd, attention_mask,
-          method=T5Model.decode, mutable=["cache"])
-      return logits_b1v[:, 0], variables["cache"]
-    _, logits_btv = module.apply({"params": params}, tokens_bt[:, :max_length],
-                                 encoded_bsd, attention_mask, method=T5Model.decode)
-    return jax.lax.dynamic_index_in_dim(logits_btv, step, axis=1, keepdims=False), cache
+    token_b1 = jax.lax.dynamic_slice_in_dim(tokens_bt, step, 1, axis=1)
+    (_, logits_b1v), variables = cached.apply(
+        {"params": params, "cache": cache}, token_b1, encoded_bsd, attention_mask,
+        method=T5Model.decode, mutable=["cache"])
+    return logits_b1v[:, 0], variables["cache"]
 
   def unfinished(state):
     step, _, done_b, _ = state
@@ -94,6 +80,6 @@ def greedy_decode(module: T5Model, params: Any, input_ids: jax.Array,
                                                     axis=1)
     return step + 1, tokens_bt, jnp.logical_or(done_b, next_b == eos), cache
 
-  state = (jnp.int32(0), tokens_bt, jnp.zeros((batch,), bool), cache)
+  state = (jnp.int32(0), tokens_bt, jnp.zeros((batch,), bool), variables["cache"])
   _, tokens_bt, _, _ = jax.lax.while_loop(unfinished, step_fn, state)
   return tokens_bt[:, 1:]

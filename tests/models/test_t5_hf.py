@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from etjax.models import hf
 from etjax.models.t5 import T5Encoder, T5Model
-from t5_testlib import FLAVOURS, assert_close, expected, fixture_dir, tiny_config
+from t5_testlib import (FLAVOURS, assert_close, expected, fixture_dir, rng_key,
+                       tiny_config)
 
 HAVE_TORCH = (importlib.util.find_spec("torch") is not None
               and importlib.util.find_spec("transformers") is not None)
@@ -145,7 +146,7 @@ def test_transformers_loads_what_etjax_saves(tied, tmp_path):
                     num_decoder_layers=3)
   module = T5Model(cfg)
   e = expected("t5_v1_0")
-  params = jax.jit(module.init)(jax.random.PRNGKey(1), e["input_ids"])["params"]
+  params = jax.jit(module.init)(rng_key(1), e["input_ids"])["params"]
   hf.save_pretrained(module, params, str(tmp_path))
   model = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
   assert (model.lm_head.weight is model.shared.weight) == tied

@@ -174,3 +174,27 @@ def test_bubble_fraction():
   assert bubble_fraction(4, 4, num_repeats=2) == pytest.approx(3 / 11)
   with pytest.raises(ValueError):
     bubble_fraction(0, 4)
+
+
+def test_dropout_path_is_seeded_and_differs_per_microbatch():
+  class DropModel(nn.Module):
+    @nn.compact
+    def __call__(self, x_bld, side_b, shared, deterministic):
+      return Pipeline(layer_cls=ResidualMlpLayer,
+                      layer_kwargs=dict(LAYER_KWARGS, dropout_rate=0.5), num_layers=2,
+                      num_stages=2, num_microbatches=2, name="layers")(
+                          x_bld, side_b, shared, deterministic)[0]
+  x_bld, side_b, shared, _ = _inputs()
+  x_bld = jnp.concatenate([x_bld[:1]] * B)  # identical examples
+  params = PlainModel(2).init(jax.random.PRNGKey(0), x_bld, side_b, shared)
+  side_b = {"mask_bl": jnp.ones((B, L))}
+  run = jax.jit(lambda key: DropModel().apply(params, x_bld, side_b, shared, False,
+                                              rngs={"dropout": key}))
+  a, b, c = run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  # Microbatch 0 holds examples 0, 2, 4, ... and microbatch 1 examples 1, 3, ...:
+  # identical inputs, so equal halves would mean one dropout key for both.
+  assert not np.allclose(a[0::2], a[1::2])
+  clean = DropModel().apply(params, x_bld, side_b, shared, True)
+  assert np.all(np.isfinite(a)) and not np.allclose(a, clean)

@@ -230,6 +230,19 @@ class T5Stack(nn.Module):
     return 1, keys.value.shape[0], offset
 
 
+def shift_right(labels: jax.Array, decoder_start_token_id: int,
+                pad_token_id: int) -> jax.Array:
+  """Decoder inputs for teacher forcing: the start token, then labels[:, :-1].
+
+  Ignored label positions (-100, as transformers marks them) become pad_token_id.
+  Returns int32 [batch, target_length], as transformers' T5 `_shift_right`.
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  start = jnp.full(labels.shape[:-1] + (1,), decoder_start_token_id, jnp.int32)
+  shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
+  return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
 def _embedding(cfg: T5Config) -> layers.Embed:
   return layers.Embed(cfg.vocab_size, cfg.d_model, table_axis="vocab",
                       init_stddev=cfg.initializer_factor, name="shared", **_dtypes(cfg))

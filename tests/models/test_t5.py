@@ -15,7 +15,7 @@ import pytest
 
 from etjax.models import config as config_lib
 from etjax.models import zoo
-from etjax.models.t5 import T5Encoder, T5Model, relative_position_bucket
+from etjax.models.t5 import T5Encoder, T5Model, relative_position_bucket, shift_right
 from etjax.models.t5_configs import NAMED_SIZES, T5Config
 from t5_testlib import FIXTURES, assert_close, rng_key, tiny_config
 
@@ -195,3 +195,20 @@ def test_every_parameter_has_logical_axes():
       "kernel"].names == ("layers", "embed", "heads", "kv")
   assert params["encoder"]["relpos_bias"]["embedding"].names == ("relpos_buckets", "heads")
   assert params["lm_head"]["kernel"].names == ("embed", "vocab")
+
+
+def test_shift_right_builds_teacher_forcing_inputs():
+  labels = np.array([[5, 6, 1, -100], [7, -100, -100, -100]])
+  np.testing.assert_array_equal(np.asarray(shift_right(labels, 0, 0)),
+                                [[0, 5, 6, 1], [0, 7, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(shift_right(labels, 3, 2)),
+                                [[3, 5, 6, 1], [3, 7, 2, 2]])
+
+
+def test_bfloat16_compute_runs_with_float32_params(tiny):
+  module, params = tiny
+  out = jax.jit(T5Model(module.config.replace(dtype="bfloat16")).apply)(
+      {"params": params}, IDS, MASK, DEC)
+  assert out.logits.dtype == jnp.bfloat16 and out.last_hidden_state.dtype == jnp.bfloat16
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  assert np.isfinite(np.asarray(out.logits, np.float32)).all()

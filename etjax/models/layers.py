@@ -192,7 +192,9 @@ class MultiHeadAttention(nn.Module):
   [batch, max_length, embed] input, creates an empty cache and attends as usual; each
   later call takes one position [batch, 1, embed], writes its key and value at the
   cache index, and attends to the positions written so far (and key_mask_bl, which
-  then covers all max_length positions).
+  then covers all max_length positions). Cross-attention with `decode` projects the
+  keys and values of `kv_bld` on the call that makes the cache (which must therefore
+  run with the real parameters) and reuses them on every later call.
   """
   num_heads: int
   head_dim: int
@@ -224,8 +226,17 @@ class MultiHeadAttention(nn.Module):
         param_dtype=self.param_dtype, name=name)
     axes = ("batch", "length", "heads", "kv")
     q_blhd = constrain(proj("query", stddev(self.query_init_stddev))(x_bld), axes)
-    k_blhd = constrain(proj("key")(kv_bld), axes)
-    v_blhd = constrain(proj("value")(kv_bld), axes)
+    if self.decode and not self_attention and self.has_variable("cache", "cached_key"):
+      # Decoding: the attended sequence (an encoder's output) stays fixed, so its keys
+      # and values are projected once, on the call that made the cache.
+      k_blhd = self.get_variable("cache", "cached_key")
+      v_blhd = self.get_variable("cache", "cached_value")
+    else:
+      k_blhd = constrain(proj("key")(kv_bld), axes)
+      v_blhd = constrain(proj("value")(kv_bld), axes)
+      if self.decode and not self_attention:
+        self.put_variable("cache", "cached_key", k_blhd)
+        self.put_variable("cache", "cached_value", v_blhd)
     if self.decode and self_attention:
       k_blhd, v_blhd, key_mask_bl, causal = self._use_cache(k_blhd, v_blhd, key_mask_bl,
                                                             causal)

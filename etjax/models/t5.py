@@ -124,7 +124,7 @@ class T5Layer(nn.Module):
   side_b['encoder_attention_mask']), feed-forward. Each sub-layer is
   x + dropout(sublayer(rms_norm(x))). side_b['attention_mask'] masks the self-attention
   keys; shared['position_bias'] [1, heads, L, L] is added to the self-attention scores.
-  With `decode` the self-attention keeps a key/value cache (see T5Model.decode).
+  With `decode` both attentions keep key/value caches (see T5Model.decode).
   """
   config: T5Config
   decoder: bool = False
@@ -144,7 +144,7 @@ class T5Layer(nn.Module):
         deterministic=deterministic, return_probs=self.output_attentions)
     x_bld = layers.constrain(x_bld + dropout(attn_bld), ("batch", "length", "embed"))
     if self.decoder:
-      attn_bld, _ = _attention(cfg, "cross_attention")(
+      attn_bld, _ = _attention(cfg, "cross_attention", self.decode)(
           norm("cross_attention_norm")(x_bld), side_b["encoder_hidden_states"],
           key_mask_bl=side_b["encoder_attention_mask"], deterministic=deterministic)
       x_bld = layers.constrain(x_bld + dropout(attn_bld), ("batch", "length", "embed"))
@@ -298,9 +298,11 @@ class T5Model(nn.Module):
         masking is always applied.
 
     With `use_cache=True` on the module, the first call (with mutable=['cache'], on
-    [batch, max_length] tokens, e.g. zeros) makes an empty key/value cache, and each
-    later call takes the next single token [batch, 1] and returns its outputs
-    [batch, 1, ...]; a decoder_attention_mask then covers all max_length positions.
+    [batch, max_length] tokens, e.g. zeros, with the real parameters and encoder
+    output) makes the caches: empty self-attention keys and values, and the
+    cross-attention keys and values of the encoder output. Each later call takes the
+    next single token [batch, 1] and returns its outputs [batch, 1, ...]; a
+    decoder_attention_mask then covers all max_length positions.
 
     Returns:
       (hidden [batch, target_length, d_model], logits [batch, target_length, vocab]).

@@ -3,9 +3,9 @@
 The source is encoded once; then a `lax.while_loop` emits one token per step (stopping
 early once every sequence has ended), with static shapes throughout. The decoder keeps
 each layer's self-attention keys and values in a [batch, max_length, heads, d_kv]
-cache and runs only the newest token each step (T5Model(use_cache=True), the same
-parameters); cross-attention keys and values are recomputed from the encoder output
-each step.
+cache, and the cross-attention keys and values of the encoder output, projected once,
+and runs only the newest token each step (T5Model(use_cache=True), the same
+parameters).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def greedy_decode(module: T5Model, params: Any, input_ids: jax.Array,
   tokens_bt = tokens_bt.at[:, 0].set(cfg.decoder_start_token_id)
 
   cached = module.clone(use_cache=True)
-  # The first decode call makes the empty cache (its values do not depend on params).
+  # The first decode call makes the caches: empty self-attention ones, and the
+  # cross-attention keys and values of the encoder output.
   _, variables = cached.apply({"params": params}, tokens_bt[:, :max_length], encoded_bsd,
                               attention_mask, method=T5Model.decode, mutable=["cache"])
 

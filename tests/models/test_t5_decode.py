@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -55,7 +56,7 @@ def test_bad_arguments_are_named():
 
 def test_cached_decoder_equals_the_full_decoder_at_every_position():
   # Teacher-forced: 20 target positions (past max_distance 16, so every bucket kind),
-  # with a decoder padding mask, one token at a time through the cache.
+  # with source and decoder padding masks, one token at a time through the caches.
   module = T5Model(tiny_config(num_decoder_layers=3))
   rng = np.random.default_rng(0)
   src = rng.integers(2, 64, size=(2, 7)).astype(np.int32)
@@ -75,9 +76,11 @@ def test_cached_decoder_equals_the_full_decoder_at_every_position():
                                 tgt_mask, method=T5Model.decode, mutable=["cache"])
 
     def step(cache, token_b):
+      # Zeros for the encoder output: the steps must read its keys and values from
+      # the cache made above.
       (_, logits_b1v), variables = cached.apply(
-          {"params": params, "cache": cache}, token_b[:, None], enc, src_mask, tgt_mask,
-          method=T5Model.decode, mutable=["cache"])
+          {"params": params, "cache": cache}, token_b[:, None], jnp.zeros_like(enc),
+          src_mask, tgt_mask, method=T5Model.decode, mutable=["cache"])
       return variables["cache"], logits_b1v[:, 0]
 
     _, steps_tbv = jax.lax.scan(step, variables["cache"], tgt.T)

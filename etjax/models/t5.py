@@ -217,6 +217,9 @@ class T5Stack(nn.Module):
     """(q_length, k_length, q_offset) of this call; advances the cached position."""
     if not self.decoder:
       raise ValueError("T5Stack: decode needs the decoder stack")
+    if self.config.pipeline_stages > 1:
+      raise ValueError("T5 decoding with a cache runs the plain stack: use a config "
+                       "with pipeline_stages=1 (the parameters are the same)")
     made = self.has_variable("cache", "position")
     # The key positions' count is the cache length; the first call fixes it.
     keys = self.variable("cache", "key_positions", jnp.arange, length, dtype=jnp.int32)

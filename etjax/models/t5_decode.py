@@ -54,7 +54,9 @@ def greedy_decode(module: T5Model, params: Any, input_ids: jax.Array,
   tokens_bt = jnp.full((batch, max_length + 1), cfg.pad_token_id, jnp.int32)
   tokens_bt = tokens_bt.at[:, 0].set(cfg.decoder_start_token_id)
 
-  cached = module.clone(use_cache=True)
+  # The pipeline does not carry caches; the plain stack holds the same parameters.
+  cached = T5Model(cfg.replace(pipeline_stages=1, pipeline_microbatches=1),
+                   use_cache=True)
   # The first decode call makes the caches: empty self-attention ones, and the
   # cross-attention keys and values of the encoder output.
   _, variables = cached.apply({"params": params}, tokens_bt[:, :max_length], encoded_bsd,

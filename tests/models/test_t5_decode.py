@@ -25,9 +25,11 @@ def _padded(generated: np.ndarray, pad_id: int) -> np.ndarray:
   return np.pad(ids, ((0, 0), (0, MAX_LENGTH - ids.shape[1])), constant_values=pad_id)
 
 
-@pytest.mark.parametrize("name", FLAVOURS)
-def test_greedy_matches_transformers_generate(name):
-  module, params = hf.from_pretrained(fixture_dir(name))
+@pytest.mark.parametrize("name,overrides", [(name, {}) for name in FLAVOURS] + [
+    # Encoding pipelined over 2 stages; decoding runs the plain stack (same params).
+    ("t5_v1_0", dict(pipeline_stages=2, pipeline_microbatches=3))])
+def test_greedy_matches_transformers_generate(name, overrides):
+  module, params = hf.from_pretrained(fixture_dir(name), **overrides)
   e = expected(name)
   # eos_token_id is traced, so one compilation serves both runs.
   decode = jax.jit(functools.partial(greedy_decode, module, max_length=MAX_LENGTH))

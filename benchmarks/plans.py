@@ -21,22 +21,7 @@ import sys
 from typing import Optional
 
 from etjax.sharding import fake_devices
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanSpec:
-  """One row: a model, a mesh and rules, a global batch, precision and remat."""
-  model: str
-  mesh: str
-  rules: str
-  batch: int
-  length: int
-  target_length: int = 0   # decoder length for encoder-decoders
-  dtype: str = "bfloat16"
-  remat: str = "full"
-  optimizer: str = "adamw"
-  device_memory_gib: float = 80.0
-  pipeline: tuple[int, int] = (1, 1)   # (stages, microbatches)
+from etjax.train.planning import PlanSpec
 
 
 SPECS = (
@@ -54,73 +39,6 @@ SPECS = (
 )
 
 
-def _num_devices(mesh_spec: str) -> int:
-  from etjax.sharding.mesh import parse_mesh_spec  # pylint: disable=g-import-not-at-top
-  total = 1
-  for size in parse_mesh_spec(mesh_spec).values():
-    total *= size
-  return total
-
-
-def _train_step_and_batch(spec: PlanSpec):
-  """The model's TrainStep and abstract global batch."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp
-  import optax
-  from etjax.algorithms import optim
-  from etjax.algorithms.finetune import finetune
-  from etjax.algorithms.step import TrainState, TrainStep, apply_gradients, next_rng
-  from etjax.models import zoo
-  from etjax.models.config import EncoderConfig
-  from etjax.models.heads import SequenceClassifier
-
-  config = zoo.get_config(spec.model, dtype=spec.dtype, remat_policy=spec.remat,
-                          pipeline_stages=spec.pipeline[0],
-                          pipeline_microbatches=spec.pipeline[1])
-  tx = optim.make_optimizer(spec.optimizer, learning_rate=1e-4, total_steps=1000)
-  ids = jax.ShapeDtypeStruct((spec.batch, spec.length), jnp.int32)
-  if isinstance(config, EncoderConfig):
-    model = SequenceClassifier(zoo.module_for(config), num_labels=2)
-    batch = {"input_ids": ids, "attention_mask": ids, "token_type_ids": ids,
-             "labels": jax.ShapeDtypeStruct((spec.batch,), jnp.int32)}
-    return finetune(model, tx), batch
-
-  model = zoo.module_for(config)
-  targets = jax.ShapeDtypeStruct((spec.batch, spec.target_length), jnp.int32)
-  batch = {"input_ids": ids, "attention_mask": ids, "decoder_input_ids": targets,
-           "targets": targets}
-
-  def init(rng, batch):
-    params = model.init(rng, batch["input_ids"], batch["attention_mask"],
-                        batch["decoder_input_ids"])["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=rng)
-
-  def update(state, batch):
-    step_rng, rng = next_rng(state)
-
-    def loss_fn(params):
-      out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                        batch["decoder_input_ids"], deterministic=False,
-                        rngs={"dropout": step_rng})
-      return optax.softmax_cross_entropy_with_integer_labels(
-          out.logits.astype(jnp.float32), batch["targets"]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return apply_gradients(state, grads, tx, rng=rng), {"loss": loss}
-  return TrainStep(init=init, update=update), batch
-
-
-def run(spec: PlanSpec):
-  """Plans one row; returns the MemoryPlan."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from etjax.sharding import mesh as mesh_lib, plan, rules
-  step, batch = _train_step_and_batch(spec)
-  n = _num_devices(spec.mesh)
-  mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(spec.mesh), devices=jax.devices()[:n])
-  return plan.plan(step, batch, mesh, rules.get_rules(spec.rules),
-                   device_memory_gib=spec.device_memory_gib)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", action="append", default=None, help="model name(s)")
@@ -129,17 +47,18 @@ def main(argv: Optional[list[str]] = None) -> int:
   specs = [s for s in SPECS if not args.only or s.model in args.only]
   if not specs:
     parser.error(f"no plan for {args.only}; known: {[s.model for s in SPECS]}")
-  fake_devices.ensure_fake_devices(max(_num_devices(s.mesh) for s in specs))
+  fake_devices.ensure_fake_devices(max(s.num_devices for s in specs))
   # pylint: disable=g-import-not-at-top
   from etjax.sharding.pipeline import bubble_fraction
   from etjax.sharding.plan import human_bytes
+  from etjax.train.planning import plan_model
   if not args.json:
     print("| model | mesh | rules | pipeline (stages x microbatches, bubble) "
           "| batch x length | dtype / remat / optimizer | params | params/dev | opt/dev "
           "| grads/dev (est.) | temp/dev | peak/dev | fits 80 GiB | compile s |")
     print("|" + "---|" * 14)
   for spec in specs:
-    result = run(spec)
+    result = plan_model(spec)
     if args.json:
       print(json.dumps({"spec": dataclasses.asdict(spec), "plan": result.to_dict()}))
     else:

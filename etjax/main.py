@@ -15,6 +15,7 @@ config is written beside the checkpoints as config.gin.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Optional, Sequence
@@ -217,6 +218,45 @@ def cmd_models() -> None:
   print("\n".join(list_models()))
 
 
+def cmd_plan(argv: Sequence[str]) -> int:
+  """`etjax plan`: the per-device memory of a model's train step, compiled from shapes."""
+  parser = argparse.ArgumentParser(prog="etjax plan", description=cmd_plan.__doc__)
+  parser.add_argument("--model", required=True, help="a zoo name (etjax models)")
+  parser.add_argument("--mesh", required=True, help="axis sizes, e.g. data=2,fsdp=4,model=8")
+  parser.add_argument("--rules", default="2d", help="dp, fsdp, tp, 2d or 3d")
+  parser.add_argument("--batch", type=int, default=8, help="global batch size")
+  parser.add_argument("--length", type=int, default=512)
+  parser.add_argument("--target_length", type=int, default=128,
+                      help="decoder length (encoder-decoders only)")
+  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--remat", default="full")
+  parser.add_argument("--optimizer", default="adamw")
+  parser.add_argument("--pipeline", default="1x1", help="STAGESxMICROBATCHES")
+  parser.add_argument("--device_memory_gib", type=float, default=None)
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  args = parser.parse_args(list(argv))
+  import json  # pylint: disable=g-import-not-at-top
+  from etjax.sharding import fake_devices  # pylint: disable=g-import-not-at-top
+  from etjax.train import planning  # pylint: disable=g-import-not-at-top
+  try:
+    stages, micro = (int(v) for v in args.pipeline.lower().split("x"))
+    spec = planning.PlanSpec(
+        args.model, args.mesh, args.rules, args.batch, args.length,
+        target_length=args.target_length, dtype=args.dtype, remat=args.remat,
+        optimizer=args.optimizer, device_memory_gib=args.device_memory_gib,
+        pipeline=(stages, micro))
+    fake_devices.ensure_fake_devices(spec.num_devices)
+    result = planning.plan_model(spec)
+  except ValueError as e:
+    print(f"etjax plan: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps({"spec": dataclasses.asdict(spec), "plan": result.to_dict()}))
+  else:
+    print(result.format())
+  return 0
+
+
 # --- flags and gin ------------------------------------------------------------------------
 
 
@@ -289,8 +329,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   except ValueError as e:
     parser.error(str(e))
   if rest and rest[0] == "plan":
-    from etjax.plan_cli import main as plan_main  # pylint: disable=g-import-not-at-top
-    return plan_main(rest[1:])
+    return cmd_plan(rest[1:])
   args = parser.parse_args(rest)
   if args.command == "models":
     cmd_models()

@@ -72,3 +72,31 @@ def test_train_eval_predict_end_to_end(tmp_path, capsys):
   assert lines[0].split("\t") == ["text_a", "text_b", "prediction", "probability"]
   assert len(lines) == 3
   assert all(line.split("\t")[2] in ("negative", "positive") for line in lines[1:])
+
+
+def test_plan_command_counts_the_real_models_parameters():
+  """`etjax plan --json` for a zoo model (in a subprocess: it re-executes itself with the
+  mesh's fake devices) against the parameters of the initialised model."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from etjax import models  # pylint: disable=g-import-not-at-top
+
+  out = subprocess.run(
+      [sys.executable, "-m", "etjax.main", "plan", "--model", "bert-mini",
+       "--mesh", "data=2,fsdp=2", "--rules", "fsdp", "--batch", "4", "--length", "32",
+       "--dtype", "float32", "--device_memory_gib", "1", "--json"],
+      capture_output=True, text=True, check=True, cwd=ROOT)
+  plan = json.loads(out.stdout.strip().splitlines()[-1])["plan"]
+  classifier = models.SequenceClassifier(models.create_model("bert-mini"), num_labels=2)
+  variables = jax.eval_shape(lambda: classifier.init(jax.random.PRNGKey(0),
+                                                     np.zeros((1, 8), np.int32)))
+  expected = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
+  assert plan["parameter_count"] == expected
+  # fsdp over 2 devices: every parameter byte is held once per 2 devices, except
+  # dimensions left replicated; never more than the whole.
+  assert plan["parameter_bytes"] <= 4 * expected
+  assert plan["fits"] is True

@@ -225,12 +225,14 @@ def encoders_pretrained(encoder_params: Mapping[str, Any], num_private: int) -> 
 
 def _model(make_encoder: EncoderFactory, *, num_domains: int, num_labels: int,
            private: bool, domain_heads: bool, discriminator_hidden: Optional[int],
-           dropout_rate: float) -> SharedPrivateClassifier:
+           dropout_rate: float, make_private_encoder: Optional[EncoderFactory] = None
+           ) -> SharedPrivateClassifier:
   if num_domains < 1:
     raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+  make_private = make_private_encoder or make_encoder
   return SharedPrivateClassifier(
       shared=make_encoder(),
-      private=tuple(make_encoder() for _ in range(num_domains)) if private else (),
+      private=tuple(make_private() for _ in range(num_domains)) if private else (),
       num_domains=num_domains, num_labels=num_labels, domain_heads=domain_heads,
       discriminator_hidden=discriminator_hidden, dropout_rate=dropout_rate)
 
@@ -256,12 +258,16 @@ def fully_shared(make_encoder: EncoderFactory, tx: optax.GradientTransformation,
 
 def shared_private(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
                    num_domains: int, num_labels: int = 2, difference_weight: float = 0.05,
-                   dropout_rate: float = 0.1, **step_kwargs) -> TrainStep:
+                   dropout_rate: float = 0.1,
+                   make_private_encoder: Optional[EncoderFactory] = None,
+                   **step_kwargs) -> TrainStep:
   """SharedPrivate: shared and per-domain private encoders, one head on [s; p], and
-  the orthogonality loss between s and p. Arguments as `fully_shared`."""
+  the orthogonality loss between s and p. Arguments as `fully_shared`, plus
+  make_private_encoder (default make_encoder) for smaller private encoders."""
   return feature_tl_step(
       _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
-             domain_heads=False, discriminator_hidden=None, dropout_rate=dropout_rate),
+             domain_heads=False, discriminator_hidden=None, dropout_rate=dropout_rate,
+             make_private_encoder=make_private_encoder),
       tx, difference_weight=difference_weight, **step_kwargs)
 
 
@@ -269,13 +275,14 @@ def shared_private_adv(make_encoder: EncoderFactory, tx: optax.GradientTransform
                        *, num_domains: int, num_labels: int = 2,
                        difference_weight: float = 0.05, adversarial_weight: float = 0.05,
                        discriminator_hidden: int = 64, dropout_rate: float = 0.1,
+                       make_private_encoder: Optional[EncoderFactory] = None,
                        **step_kwargs) -> TrainStep:
   """SharedPrivate-Adv: SharedPrivate plus a domain discriminator on the shared
   features behind gradient reversal (grl_scale, grl_warmup_steps in step_kwargs)."""
   return feature_tl_step(
       _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
              domain_heads=False, discriminator_hidden=discriminator_hidden,
-             dropout_rate=dropout_rate),
+             dropout_rate=dropout_rate, make_private_encoder=make_private_encoder),
       tx, difference_weight=difference_weight, adversarial_weight=adversarial_weight,
       **step_kwargs)
 
@@ -283,12 +290,14 @@ def shared_private_adv(make_encoder: EncoderFactory, tx: optax.GradientTransform
 def drss(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
          num_domains: int, num_labels: int = 2, difference_weight: float = 0.05,
          drss_weight: float = 1e-3, omega_every: int = 1, dropout_rate: float = 0.1,
+         make_private_encoder: Optional[EncoderFactory] = None,
          **step_kwargs) -> TrainStep:
   """DRSS: the shared-private model with one output layer per domain whose
   shared-feature weights carry the matrix-normal prior with learned Omega."""
   return feature_tl_step(
       _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
-             domain_heads=True, discriminator_hidden=None, dropout_rate=dropout_rate),
+             domain_heads=True, discriminator_hidden=None, dropout_rate=dropout_rate,
+             make_private_encoder=make_private_encoder),
       tx, difference_weight=difference_weight, drss_weight=drss_weight,
       omega_every=omega_every, **step_kwargs)
 
@@ -297,12 +306,14 @@ def drss_adv(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
              num_domains: int, num_labels: int = 2, difference_weight: float = 0.05,
              drss_weight: float = 1e-3, omega_every: int = 1,
              adversarial_weight: float = 0.05, discriminator_hidden: int = 64,
-             dropout_rate: float = 0.1, **step_kwargs) -> TrainStep:
+             dropout_rate: float = 0.1,
+             make_private_encoder: Optional[EncoderFactory] = None,
+             **step_kwargs) -> TrainStep:
   """DRSS-Adv: DRSS plus the adversarial domain discriminator."""
   return feature_tl_step(
       _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
              domain_heads=True, discriminator_hidden=discriminator_hidden,
-             dropout_rate=dropout_rate),
+             dropout_rate=dropout_rate, make_private_encoder=make_private_encoder),
       tx, difference_weight=difference_weight, drss_weight=drss_weight,
       omega_every=omega_every, adversarial_weight=adversarial_weight, **step_kwargs)
 

@@ -41,8 +41,12 @@ class SharedPrivateOutput:
 
 
 def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Any],
-           stddev: float) -> jax.Array:
+           stddev: float, tied_first_axis: bool = False) -> jax.Array:
   init = nn.initializers.normal(stddev) if stddev else nn.initializers.zeros
+  if tied_first_axis:
+    base = init
+    def init(key, shape, dtype):  # pylint: disable=function-redefined
+      return jnp.broadcast_to(base(key, (1,) + tuple(shape[1:]), dtype), shape)
   return module.param(name, layers.logical_init(init, axes), tuple(shape), jnp.float32)
 
 
@@ -59,6 +63,8 @@ class SharedPrivateClassifier(nn.Module):
     discriminator_hidden: hidden width of the domain discriminator; None for none.
     dropout_rate: dropout on the head's input.
     initializer_range: stddev of the heads' initializers.
+    tied_head_init: start every domain's output layer (shared-feature part) from
+      the same initial weights.
   """
   shared: nn.Module
   private: Sequence[nn.Module] = ()
@@ -68,6 +74,7 @@ class SharedPrivateClassifier(nn.Module):
   discriminator_hidden: Optional[int] = None
   dropout_rate: float = 0.0
   initializer_range: float = 0.02
+  tied_head_init: bool = False
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
@@ -118,8 +125,13 @@ class SharedPrivateClassifier(nn.Module):
                     onehot_bk: jax.Array) -> jax.Array:
     """Per-domain output layers; the row's own domain's logits: [B, C]."""
     k, c = self.num_domains, self.num_labels
+    # tied_head_init: every domain's output layer starts equal, so the domains
+    # start fully related and training pulls apart those the data tells apart.
+    # (Nearly collinear columns make W^T W ill-conditioned, and Omega's square
+    # root then amplifies round-off; the default starts them independent.)
     w_shared_kdc = _param(self, "shared_kernel", (k, shared_width, c),
-                          (None, "embed", "classes"), self.initializer_range)
+                          (None, "embed", "classes"), self.initializer_range,
+                          tied_first_axis=self.tied_head_init)
     logits_bkc = jnp.einsum("bd,kdc->bkc", x_bf[:, :shared_width], w_shared_kdc)
     if x_bf.shape[-1] > shared_width:
       w_private_kec = _param(self, "private_kernel",

@@ -321,3 +321,20 @@ def drss_adv(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
 FEATURE_METHODS: dict[str, Callable[..., TrainStep]] = {
     "fully_shared": fully_shared, "shared_private": shared_private,
     "shared_private_adv": shared_private_adv, "drss": drss, "drss_adv": drss_adv}
+
+
+def build_feature_step(method: str, make_encoder: EncoderFactory,
+                       tx: optax.GradientTransformation, **kwargs) -> TrainStep:
+  """The TrainStep of a feature-based method by name (what a gin job binds).
+
+  Args:
+    method: one of FEATURE_METHODS ('fully_shared', 'shared_private',
+      'shared_private_adv', 'drss', 'drss_adv').
+    make_encoder: () -> a fresh encoder module.
+    tx: the optimizer.
+    **kwargs: that method's keyword arguments (num_domains, loss weights, ...).
+  """
+  if method not in FEATURE_METHODS:
+    raise ValueError(f"unknown feature-based method {method!r}; expected one of "
+                     f"{sorted(FEATURE_METHODS)}")
+  return FEATURE_METHODS[method](make_encoder, tx, **kwargs)

@@ -386,3 +386,27 @@ def _epochs(data: Mapping[str, np.ndarray], size: int,
     for start in range(0, n - size + 1, size):
       rows = order[start:start + size]
       yield {k: np.asarray(v)[rows] for k, v in data.items()}
+
+
+INSTANCE_METHODS = {"rtl": rtl, "mgtl": mgtl}
+
+
+def build_instance_step(method: str, classifier: nn.Module,
+                        tx: optax.GradientTransformation,
+                        selector_tx: Optional[optax.GradientTransformation] = None, *,
+                        selector_learning_rate: float = 1e-2, **kwargs) -> TrainStep:
+  """The TrainStep of RTL or MGTL by name (what a gin job binds).
+
+  Args:
+    method: 'rtl' or 'mgtl'.
+    classifier, tx: as `selection_step`.
+    selector_tx: the selector's optimizer; None for Adam at selector_learning_rate.
+    selector_learning_rate: used when selector_tx is None.
+    **kwargs: as `selection_step`.
+  """
+  if method not in INSTANCE_METHODS:
+    raise ValueError(f"unknown instance-based method {method!r}; expected one of "
+                     f"{sorted(INSTANCE_METHODS)}")
+  if selector_tx is None:
+    selector_tx = optax.adam(selector_learning_rate)
+  return INSTANCE_METHODS[method](classifier, tx, selector_tx, **kwargs)

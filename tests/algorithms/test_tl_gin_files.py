@@ -1,0 +1,99 @@
+"""The gin files of the feature- and instance-based TL methods and their Table 8/9
+runs: parsed with gin's own parser, each binding accepted by the function it binds,
+and every algorithm file builds a step whose init traces."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import pathlib
+
+import gin.config_parser
+import jax
+import numpy as np
+import optax
+import pytest
+
+from etjax.algorithms import feature_based as fb
+from etjax.algorithms import instance_based as ib
+from etjax.algorithms import ruder_plank as rp
+from etjax.algorithms.tl_modules import BagOfEmbeddings
+from etjax.models import SequenceClassifier
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FEATURE_FILES = ("fully_shared", "shared_private", "shared_private_adv", "drss",
+                 "drss_adv")
+
+
+class _LiteralsOnly(gin.config_parser.ParserDelegate):
+  """These files bind literals only; a reference or macro is an error."""
+
+  def configurable_reference(self, scoped_name, evaluate):
+    raise ValueError(f"unexpected configurable reference @{scoped_name}")
+
+  def macro(self, macro_name):
+    raise ValueError(f"unexpected macro %{macro_name}")
+
+
+def _bindings(relative: str) -> dict[str, dict]:
+  """{selector: {arg: value}} of one gin file (no includes expected)."""
+  out: dict[str, dict] = {}
+  with open(ROOT / relative) as f:
+    for statement in gin.config_parser.ConfigParser(f, _LiteralsOnly()):
+      assert isinstance(statement, gin.config_parser.BindingStatement), statement
+      assert not statement.scope, f"{relative}: keep gin files free of scopes"
+      out.setdefault(statement.selector, {})[statement.arg_name] = statement.value
+  return out
+
+
+def _batch(n=4, length=6, vocab=20):
+  ids = np.random.default_rng(0).integers(1, vocab, (n, length)).astype(np.int32)
+  return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+          "token_type_ids": np.zeros_like(ids), "labels": np.zeros(n, np.int32),
+          "domain": (np.arange(n) % 3).astype(np.int32),
+          "weight": np.ones(n, np.float32)}
+
+
+@pytest.mark.parametrize("name", FEATURE_FILES)
+def test_feature_gin_files_build_their_method(name):
+  bindings = _bindings(f"gin/algorithms/{name}.gin")
+  assert set(bindings) == {"feature_tl"}
+  kwargs = bindings["feature_tl"]
+  assert kwargs["method"] == name
+  step = fb.build_feature_step(make_encoder=lambda: BagOfEmbeddings(20, 8),
+                               tx=optax.sgd(0.1), num_domains=3, **kwargs)
+  state = jax.eval_shape(step.init, jax.random.PRNGKey(0), _batch())
+  assert (state.omega is not None) == name.startswith("drss")
+
+
+@pytest.mark.parametrize("name", ["rtl", "mgtl"])
+def test_instance_gin_files_build_their_method(name):
+  kwargs = _bindings(f"gin/algorithms/{name}.gin")["instance_tl"]
+  assert kwargs["method"] == name
+  clf = SequenceClassifier(BagOfEmbeddings(20, 8), 2, dropout_rate=0.0)
+  step = ib.build_instance_step(classifier=clf, tx=optax.sgd(0.1), **kwargs)
+  state = jax.eval_shape(step.init, jax.random.PRNGKey(0), _batch())
+  assert ("discriminator" in state.params) == (name == "mgtl")
+
+
+def _accepts(fn, kwargs, where):
+  params = inspect.signature(fn).parameters
+  unknown = set(kwargs) - set(params)
+  assert not unknown, f"{where} binds {unknown}, which {fn.__name__} does not take"
+
+
+def test_ruder_plank_and_run_files_bind_existing_parameters():
+  _accepts(rp.ruder_plank, _bindings("gin/algorithms/ruder_plank.gin")["ruder_plank"],
+           "ruder_plank.gin")
+  spec = importlib.util.spec_from_file_location(
+      "tl_feature_instance", ROOT / "benchmarks" / "tl_feature_instance.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  _accepts(bench.run_table8, _bindings("gin/runs/table8_feature_tl.gin")
+           ["feature_table8"], "table8_feature_tl.gin")
+  _accepts(bench.run_table9, _bindings("gin/runs/table9_instance_tl.gin")
+           ["instance_table9"], "table9_instance_tl.gin")
+  with pytest.raises(ValueError, match="unknown feature-based method 'ss'"):
+    fb.build_feature_step("ss", lambda: BagOfEmbeddings(20, 8), optax.sgd(0.1))
+  with pytest.raises(ValueError, match="unknown instance-based method"):
+    ib.build_instance_step("l2tl", None, optax.sgd(0.1))

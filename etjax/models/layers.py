@@ -237,9 +237,10 @@ class MultiHeadAttention(nn.Module):
       if self.decode and not self_attention:
         self.put_variable("cache", "cached_key", k_blhd)
         self.put_variable("cache", "cached_value", v_blhd)
+    q_offset = None
     if self.decode and self_attention:
-      k_blhd, v_blhd, key_mask_bl, causal = self._use_cache(k_blhd, v_blhd, key_mask_bl,
-                                                            causal)
+      k_blhd, v_blhd, key_mask_bl, causal, q_offset = self._use_cache(
+          k_blhd, v_blhd, key_mask_bl, causal)
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng("dropout")
@@ -247,7 +248,7 @@ class MultiHeadAttention(nn.Module):
         q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl, bias_bhqk=bias_bhqk,
         causal=causal, scale=self.scale, backend=self.backend, rsa_k=self.rsa_k,
         rsa_block_size=self.rsa_block_size, dropout_rate=self.dropout_rate,
-        dropout_rng=dropout_rng, return_probs=return_probs)
+        dropout_rng=dropout_rng, return_probs=return_probs, q_offset=q_offset)
     out_blhd = constrain(out_blhd, axes)
     out_bld = Dense((x_bld.shape[-1],), ("heads", "kv"), ("embed",), use_bias=self.use_bias,
                     init_stddev=stddev(self.out_init_stddev), dtype=self.dtype,
@@ -256,14 +257,15 @@ class MultiHeadAttention(nn.Module):
 
   def _use_cache(self, k_blhd, v_blhd, key_mask_bl, causal):
     """Creates the cache, or appends one position to it and returns the cached keys,
-    values, the mask of the positions written so far, and causal=False (one query)."""
+    values, the mask of the positions written so far, causal=False (one query) and
+    the query's position (RSA follows the causal layout row of that position)."""
     initialized = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k_blhd.shape, k_blhd.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v_blhd.shape,
                              v_blhd.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not initialized:
-      return k_blhd, v_blhd, key_mask_bl, causal
+      return k_blhd, v_blhd, key_mask_bl, causal, None
     if k_blhd.shape[1] != 1:
       raise ValueError("MultiHeadAttention(decode=True) takes one position per call "
                        f"after the cache is made, got {k_blhd.shape[1]}")
@@ -278,4 +280,4 @@ class MultiHeadAttention(nn.Module):
     written_bl = (jnp.arange(k_blhd.shape[1]) <= i)[None, :]
     if key_mask_bl is not None:
       written_bl = jnp.logical_and(written_bl, key_mask_bl != 0)
-    return k_blhd, v_blhd, written_bl, False
+    return k_blhd, v_blhd, written_bl, False, i

@@ -102,14 +102,19 @@ class RelativePositionBias(nn.Module):
     return jnp.transpose(bias_qkh, (2, 0, 1))[None]
 
 
-def _attention(config: T5Config, name: str, decode: bool = False
-               ) -> layers.MultiHeadAttention:
-  """T5 attention: no biases, unscaled scores, transformers' fan-in initialisation."""
+def _attention(config: T5Config, name: str, decode: bool = False,
+               backend: Optional[str] = None) -> layers.MultiHeadAttention:
+  """T5 attention: no biases, unscaled scores, transformers' fan-in initialisation.
+
+  `backend` defaults to the config's; cross-attention passes 'dense', because Random
+  Sparse Attention's block layout is meant for self-attention (a square call between
+  equally long source and target would otherwise be sparsified by accident).
+  """
   cfg = config
   factor = cfg.initializer_factor
   return layers.MultiHeadAttention(
       num_heads=cfg.num_heads, head_dim=cfg.d_kv, use_bias=False, scale=1.0,
-      backend=cfg.attention, rsa_k=cfg.rsa_k, rsa_block_size=cfg.rsa_block_size,
+      backend=backend or cfg.attention, rsa_k=cfg.rsa_k, rsa_block_size=cfg.rsa_block_size,
       dropout_rate=cfg.dropout_rate, init_stddev=factor * cfg.d_model ** -0.5,
       query_init_stddev=factor * (cfg.d_model * cfg.d_kv) ** -0.5,
       out_init_stddev=factor * (cfg.num_heads * cfg.d_kv) ** -0.5, decode=decode,
@@ -144,7 +149,7 @@ class T5Layer(nn.Module):
         deterministic=deterministic, return_probs=self.output_attentions)
     x_bld = layers.constrain(x_bld + dropout(attn_bld), ("batch", "length", "embed"))
     if self.decoder:
-      attn_bld, _ = _attention(cfg, "cross_attention", self.decode)(
+      attn_bld, _ = _attention(cfg, "cross_attention", self.decode, backend="dense")(
           norm("cross_attention_norm")(x_bld), side_b["encoder_hidden_states"],
           key_mask_bl=side_b["encoder_attention_mask"], deterministic=deterministic)
       x_bld = layers.constrain(x_bld + dropout(attn_bld), ("batch", "length", "embed"))

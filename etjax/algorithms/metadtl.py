@@ -135,7 +135,7 @@ class MetaDTLObjective:
                pretrained: Optional[Mapping[str, Any]] = None):
     self.offsets, self.class_task = task_layout(num_labels)
     self.num_labels = tuple(num_labels)
-    total = mf._num_labels(model, "metadtl")  # pylint: disable=protected-access
+    total = mf.num_labels_of(model, "metadtl")
     if total != sum(self.num_labels):
       raise ValueError(f"metadtl: the model has {total} classes, num_labels "
                        f"{self.num_labels} sum to {sum(self.num_labels)}")
@@ -164,7 +164,7 @@ class MetaDTLObjective:
     return jnp.where(own_bc, logits_bc, _MASKED)
 
   def _rows(self, batch):
-    mf._require_domain(batch, "metadtl")  # pylint: disable=protected-access
+    mf.require_domain(batch, "metadtl")
     tasks_b = jnp.asarray(batch["domain"], jnp.int32)
     classes_b = jnp.asarray(self.offsets)[tasks_b] + batch["labels"]
     valid_b = jnp.asarray(batch.get("weight", jnp.ones(tasks_b.shape)), jnp.float32)

@@ -156,7 +156,8 @@ def feature_width(model: nn.Module, batch: Batch) -> int:
   return out.features.shape[-1]
 
 
-def _num_labels(model: nn.Module, who: str) -> int:
+def num_labels_of(model: nn.Module, who: str) -> int:
+  """The classifier's `num_labels`; ValueError (naming `who`) if it has none."""
   num = getattr(model, "num_labels", None)
   if not isinstance(num, int):
     raise ValueError(f"{who}: model must be a classifier with an int num_labels "
@@ -164,7 +165,8 @@ def _num_labels(model: nn.Module, who: str) -> int:
   return num
 
 
-def _require_domain(batch: Batch, who: str) -> None:
+def require_domain(batch: Batch, who: str) -> None:
+  """ValueError (naming `who`) unless the batch has 'domain'."""
   if "domain" not in batch:
     raise ValueError(f"{who}: the batch needs 'domain' (int32 [batch]); it has "
                      f"{sorted(batch)}")
@@ -188,7 +190,7 @@ class MetaFTObjective:
                own_domain_weight: float, temperature: float, momentum: float,
                inner_lr: Optional[float], inner_steps: int, first_order: bool,
                meta_weight: float, pretrained: Optional[Mapping[str, Any]] = None):
-    self.num_classes = _num_labels(model, "metaft")
+    self.num_classes = num_labels_of(model, "metaft")
     if not isinstance(num_domains, int) or num_domains < 1:
       raise ValueError(f"metaft: num_domains must be an int >= 1, got {num_domains!r}")
     for name, value in (("corruption_weight", corruption_weight),
@@ -223,7 +225,7 @@ class MetaFTObjective:
             "domain_head": self.head.init(head_rng, jnp.zeros((1, d)))["params"]}
 
   def loss(self, params, prototypes_kcd, counts_kc, batch, rng, deterministic=False):
-    _require_domain(batch, "metaft")
+    require_domain(batch, "metaft")
     drop_rng, corrupt_rng, episode_rng = jax.random.split(rng, 3)
     out = self.model.apply({"params": params["model"]}, *model_inputs(batch),
                            deterministic=deterministic, rngs={"dropout": drop_rng})

@@ -94,7 +94,7 @@ def teacher_prototypes(model: nn.Module, params: PyTree, batches: Iterable[Batch
                                               deterministic=True).features)
   return mf.dataset_prototypes(lambda b: features(params, b), batches,
                                num_groups=num_domains,
-                               num_classes=mf._num_labels(model, "metakd"))  # pylint: disable=protected-access
+                               num_classes=mf.num_labels_of(model, "metakd"))
 
 
 def expertise_weights(logits_bc: jax.Array, features_bd: jax.Array, domains_b: jax.Array,
@@ -153,7 +153,7 @@ def metakd(student: Union[nn.Module, LossFn], teacher: tuple[nn.Module, PyTree],
   teacher_model, _ = teacher
   protos_kcd = jnp.asarray(prototypes[0], jnp.float32)
   counts_kc = jnp.asarray(prototypes[1], jnp.float32)
-  num_classes = mf._num_labels(teacher_model, "metakd")  # pylint: disable=protected-access
+  num_classes = mf.num_labels_of(teacher_model, "metakd")
   if protos_kcd.ndim != 3 or counts_kc.shape != protos_kcd.shape[:2] \
       or protos_kcd.shape[1] != num_classes:
     raise ValueError(f"metakd: prototypes must be ([K, C={num_classes}, d], [K, C]), got "
@@ -174,7 +174,7 @@ def metakd(student: Union[nn.Module, LossFn], teacher: tuple[nn.Module, PyTree],
                        counts_kc=counts_kc)
 
   def update(state, batch):
-    mf._require_domain(batch, "metakd")  # pylint: disable=protected-access
+    mf.require_domain(batch, "metakd")
     out = teacher_model.apply({"params": jax.lax.stop_gradient(state.teacher_params)},
                               *model_inputs(batch), deterministic=True)
     valid_b = jnp.asarray(batch.get("weight", jnp.ones(out.logits.shape[:1])),

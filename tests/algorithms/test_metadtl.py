@@ -175,3 +175,44 @@ def test_one_step_smoke_task_params_and_errors():
     step.update(state, {k: v for k, v in batch.items() if k != "domain"})
   with pytest.raises(ValueError, match="task 2"):
     md.task_params(new.params["model"], NUM_LABELS, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def nli_data(seed: int = 0):
+  """Encoded (nli3 train as task 0 + nli2 train as task 1, nli2 train, nli2 test)."""
+  splits = synthetic.cross_task_splits((600, 0, 0), (60, 0, 400), seed=seed)
+  texts = [t for task in splits.values() for part in task.values() for ex in part
+           for t in (ex.text_a, ex.text_b)]
+  tokenizer = data_lib.build_wordpiece_tokenizer(texts, vocab_size=600)
+  enc = lambda ex: data_lib.encode_examples(ex, tokenizer, 48)
+  nli3, nli2 = enc(splits["nli3"]["train"]), enc(splits["nli2"]["train"])
+  as_task = lambda d, t: dict(d, domain=np.full_like(d["domain"], t))
+  mixed = data_lib.concatenate([as_task(nli3, 0), as_task(nli2, 1)])
+  return tokenizer, mixed, nli2, enc(splits["nli2"]["test"])
+
+
+def test_metadtl_nli3_to_nli2_end_to_end():
+  """MetaDTL on 600 nli3 + 60 nli2 pairs, its nli2 head cut out and fine-tuned on the
+  60, against fine-tuning on the 60 alone. Tiny models (width 32, 1 layer) do not
+  learn the synthetic NLI tasks at this budget (nor a width-64, 2-layer model on
+  4,000 nli3 pairs in 1,500 steps: 33% on 3 classes), so both stay near chance
+  (measured at seed 0: 0.50 single task, 0.53 MetaDTL at a larger budget); what is
+  asserted is the robust part: the pipeline runs, its losses are finite, and the
+  fine-tuned model does not fall clearly below the target-only baseline."""
+  tokenizer, mixed, target, test = nli_data()
+  meta_steps, ft_steps = 100, 40
+  tx = optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=meta_steps)
+  step = md.metadtl(fx.classifier(32, 1, tokenizer.vocab_size, classes=C), tx,
+                    num_labels=NUM_LABELS, first_order=True)
+  meta_state, metrics = fx.fit(step, mixed, meta_steps)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert np.all(np.asarray(meta_state.counts_kc) > 0)
+  ft_tx = optim.make_optimizer("adamw", learning_rate=2e-3, total_steps=ft_steps)
+  single = finetune(fx.classifier(32, 1, tokenizer.vocab_size, classes=2), ft_tx)
+  state, _ = fx.fit(single, target, ft_steps, batch_size=20)
+  single_acc = fx.accuracy(single, state, test)
+  from_meta = mf.start_from(single, md.task_params(meta_state.params["model"],
+                                                   NUM_LABELS, 1), ft_tx)
+  state, _ = fx.fit(from_meta, target, ft_steps, batch_size=20)
+  meta_acc = fx.accuracy(from_meta, state, test)
+  assert meta_acc >= single_acc - 0.08, (meta_acc, single_acc)

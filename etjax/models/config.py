@@ -37,6 +37,32 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], where: str = "") -
   return cls(**values)
 
 
+Check = tuple[bool, str, str]  # (holds, field name, what was expected)
+
+
+def runtime_checks(config: Any) -> list[Check]:
+  """Checks of the fields every model config shares: precision, attention backend,
+  rematerialization and pipeline microbatches."""
+  return [
+      (config.attention in BACKENDS, "attention", f"one of {BACKENDS}"),
+      (config.remat_policy in REMAT_POLICIES, "remat_policy",
+       f"one of {sorted(REMAT_POLICIES)}"),
+      (config.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}"),
+      (config.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}"),
+      (config.rsa_k >= 1 and config.rsa_block_size >= 1, "rsa_k",
+       "rsa_k and rsa_block_size positive"),
+      (config.pipeline_microbatches >= 1, "pipeline_microbatches", "positive"),
+  ]
+
+
+def raise_failed(config: Any, checks: list[Check]) -> None:
+  """Raises ValueError naming the first failed check's field, value and expectation."""
+  for ok, name, expected in checks:
+    if not ok:
+      raise ValueError(f"{type(config).__name__}.{name} = {getattr(config, name, None)!r}:"
+                       f" expected {expected}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """A BERT-family encoder: BERT, RoBERTa, ALBERT.
@@ -77,21 +103,13 @@ class EncoderConfig:
         (self.hidden_size % self.num_heads == 0, "hidden_size",
          f"divisible by num_heads={self.num_heads}"),
         (self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {sorted(ACTIVATIONS)}"),
-        (self.attention in BACKENDS, "attention", f"one of {BACKENDS}"),
-        (self.remat_policy in REMAT_POLICIES, "remat_policy",
-         f"one of {sorted(REMAT_POLICIES)}"),
-        (self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}"),
-        (self.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}"),
         (min(self.vocab_size, self.hidden_size, self.num_layers, self.num_heads,
              self.intermediate_size, self.max_position_embeddings) > 0,
          "sizes", "positive"),
         (self.pipeline_stages >= 1 and self.num_layers % self.pipeline_stages == 0,
          "pipeline_stages", f"a divisor of num_layers={self.num_layers}"),
     ]
-    for ok, name, expected in checks:
-      if not ok:
-        raise ValueError(f"EncoderConfig.{name} = {getattr(self, name, None)!r}: "
-                         f"expected {expected}")
+    raise_failed(self, checks + runtime_checks(self))
 
   @property
   def head_dim(self) -> int:

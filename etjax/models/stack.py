@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 
-from etjax.sharding.remat import REMAT_POLICIES, remat_module  # re-exported for configs
+from etjax.sharding.remat import remat_module
 
 class LayerStack(nn.Module):
   """num_layers applications of `layer_cls(**layer_kwargs)`.

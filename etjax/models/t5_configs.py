@@ -14,10 +14,8 @@ import dataclasses
 from typing import Optional
 
 from etjax.models import zoo
-from etjax.models.attention import BACKENDS
-from etjax.models.config import DTYPES
+from etjax.models.config import raise_failed, runtime_checks
 from etjax.models.layers import ACTIVATIONS
-from etjax.models.stack import REMAT_POLICIES
 
 # transformers maps feed_forward_proj 'gated-gelu' to the tanh GELU (T5 1.1 was trained
 # with it); every other activation keeps its own name.
@@ -65,11 +63,6 @@ class T5Config:
         (self.model_type == "t5", "model_type", "'t5'"),
         ((len(act) == 1 or (len(act) == 2 and act[0] == "gated")) and act[-1] in ACTIVATIONS,
          "feed_forward_proj", f"an activation or 'gated-' + one, of {sorted(ACTIVATIONS)}"),
-        (self.attention in BACKENDS, "attention", f"one of {BACKENDS}"),
-        (self.remat_policy in REMAT_POLICIES, "remat_policy",
-         f"one of {sorted(REMAT_POLICIES)}"),
-        (self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}"),
-        (self.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}"),
         (min(self.vocab_size, self.d_model, self.d_kv, self.num_heads, self.d_ff,
              self.num_layers, self.decoder_layers) > 0, "sizes", "positive"),
         (self.relative_attention_num_buckets >= 4, "relative_attention_num_buckets",
@@ -86,12 +79,8 @@ class T5Config:
          and (self.encoder_only or self.decoder_layers % self.pipeline_stages == 0),
          "pipeline_stages", f"a divisor of num_layers={self.num_layers} and "
          f"num_decoder_layers={self.decoder_layers}"),
-        (self.pipeline_microbatches >= 1, "pipeline_microbatches", "positive"),
     ]
-    for ok, name, expected in checks:
-      if not ok:
-        raise ValueError(f"T5Config.{name} = {getattr(self, name, None)!r}: "
-                         f"expected {expected}")
+    raise_failed(self, checks + runtime_checks(self))
 
   @property
   def decoder_layers(self) -> int:

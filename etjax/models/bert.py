@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from etjax.models import layers
 from etjax.models.config import EncoderConfig, dtype_of
-from etjax.models.stack import LayerStack
+from etjax.models.stack import LayerStack, layer_outputs
 
 
 @flax.struct.dataclass
@@ -68,12 +68,8 @@ class EncoderLayer(nn.Module):
     x_bld = layers.LayerNorm(cfg.layer_norm_eps, name="mlp_norm", **_dtypes(cfg))(
         x_bld + mlp_bld)
     x_bld = layers.constrain(x_bld, ("batch", "length", "embed"))
-    outputs = {}
-    if self.output_hidden_states:
-      outputs["hidden_states"] = x_bld
-    if self.output_attentions:
-      outputs["attentions"] = probs_bhqk
-    return x_bld, outputs
+    return x_bld, layer_outputs(x_bld, probs_bhqk, self.output_hidden_states,
+                                self.output_attentions)
 
 
 class Embeddings(nn.Module):

@@ -24,6 +24,18 @@ import jax
 
 from etjax.sharding.remat import remat_module
 
+def layer_outputs(x_bld: jax.Array, probs_bhqk: Optional[jax.Array],
+                  hidden_states: bool, attentions: bool) -> dict:
+  """A layer's per-layer outputs dict: its hidden state and attention probabilities,
+  each only when requested (the scan stacks them on a leading 'layers' axis)."""
+  outputs = {}
+  if hidden_states:
+    outputs["hidden_states"] = x_bld
+  if attentions:
+    outputs["attentions"] = probs_bhqk
+  return outputs
+
+
 class LayerStack(nn.Module):
   """num_layers applications of `layer_cls(**layer_kwargs)`.
 

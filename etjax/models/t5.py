@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from etjax.models import layers
 from etjax.models.bert import EncoderOutput
 from etjax.models.config import dtype_of
-from etjax.models.stack import LayerStack
+from etjax.models.stack import LayerStack, layer_outputs
 from etjax.models.t5_configs import T5Config
 
 
@@ -160,12 +160,8 @@ class T5Layer(nn.Module):
                          out_init_stddev=factor * cfg.d_ff ** -0.5, name="mlp",
                          **_dtypes(cfg))(norm("mlp_norm")(x_bld), deterministic)
     x_bld = layers.constrain(x_bld + dropout(mlp_bld), ("batch", "length", "embed"))
-    outputs = {}
-    if self.output_hidden_states:
-      outputs["hidden_states"] = x_bld
-    if self.output_attentions:
-      outputs["attentions"] = probs_bhqk
-    return x_bld, outputs
+    return x_bld, layer_outputs(x_bld, probs_bhqk, self.output_hidden_states,
+                                self.output_attentions)
 
 
 class T5Stack(nn.Module):

@@ -288,7 +288,8 @@ class DistillLoss:
                student_init: Optional[Callable[[jax.Array, Batch], PyTree]] = None,
                pretrained: Optional[Mapping[str, Any]] = None):
     self.losses = check_losses(losses)
-    dl._check_temperature(temperature)  # pylint: disable=protected-access
+    if not temperature > 0:
+      raise ValueError(f"distill: temperature must be > 0, got {temperature}")
     if not (isinstance(teacher, tuple) and len(teacher) == 2):
       raise ValueError("distill: teacher must be a (module, params) pair")
     self.teacher_model, self.teacher_params = teacher

@@ -91,10 +91,13 @@ def test_terms_match_numpy():
 
 
 def test_hinton_mix_equals_kd_loss_with_alpha():
-  from etjax.algorithms import distill_losses as dl  # the primitive, independently mixed
-  batch = fx.random_batch(1, classes=2)
-  model = fx.classifier(32, 1, 60)
-  teacher = fx.classifier(32, 2, 60)
+  from etjax.algorithms import adabert as ab  # small non-BERT modules compile fast
+  from etjax.algorithms import distill_losses as dl  # the primitive, mixed by itself
+  batch = fx.random_batch(1, classes=3)
+  config = ab.AdaBertConfig(vocab_size=60, num_labels=3, width=8, num_cells=1,
+                            num_nodes=1, max_length=12)
+  model = ab.AdaBert(config, ("identity", "identity"))
+  teacher = ab.AdaBert(config, ("avgpool3", "identity"))
   tp = jax.jit(teacher.init)(jax.random.PRNGKey(3), batch["input_ids"])["params"]
   objective = distill_lib.DistillLoss(model, (teacher, tp), distill_lib.hinton(0.3),
                                       temperature=3.0)
@@ -123,6 +126,8 @@ def test_bad_configuration_is_named():
     distill_lib.distill(model, teacher, tx, losses={"kd": 0.0})
   with pytest.raises(ValueError, match="LossFn student needs student_init"):
     distill_lib.distill(lambda p, b, r, d: (0.0, {}), teacher, tx)
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    distill_lib.distill(model, teacher, tx, temperature=0.0)
   with pytest.raises(ValueError, match="hinton: alpha"):
     distill_lib.hinton(1.5)
 

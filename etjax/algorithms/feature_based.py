@@ -10,8 +10,9 @@ All five train a `SharedPrivateClassifier` on batches that mix source and target
 
 where W holds each domain's output weights on the shared features (one column per
 domain). DRSS alternates: a gradient step on every parameter with Omega fixed, then
-Omega <- (W^T W)^(1/2) / tr((W^T W)^(1/2)) in closed form (every `omega_every`
-steps). Omega lives in the state (`FeatureTLState.omega`); `domain_relationships`
+Omega <- (W^T W + eps I)^(1/2) / tr(same) in closed form, W scaled to unit norm so
+that the ridge is relative (every `omega_every` steps). Omega lives in the state
+(`FeatureTLState.omega`); `domain_relationships`
 turns it into the correlation matrix to report.
 
     step = drss_adv(lambda: BagOfEmbeddings(vocab_size=500), tx, num_domains=3)
@@ -120,7 +121,7 @@ def feature_tl_loss(model: SharedPrivateClassifier, *, difference_weight: float 
 def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransformation, *,
                     difference_weight: float = 0.0, adversarial_weight: float = 0.0,
                     drss_weight: float = 0.0, omega_every: int = 1,
-                    omega_eps: float = 1e-6, grl_scale: float = 1.0,
+                    omega_eps: float = 1e-3, grl_scale: float = 1.0,
                     grl_warmup_steps: int = 0, label_smoothing: float = 0.0,
                     pretrained: Optional[Mapping[str, Any]] = None) -> TrainStep:
   """A TrainStep minimizing `feature_tl_loss`, with DRSS's alternating Omega update.
@@ -130,7 +131,9 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
     tx: the optimizer of every parameter (encoders, heads, discriminator).
     difference_weight, adversarial_weight, drss_weight: loss weights (0 = off).
     omega_every: update Omega in closed form after every this many gradient steps.
-    omega_eps: ridge of the closed form (keeps Omega invertible).
+    omega_eps: ridge of the closed form relative to tr(W^T W) (keeps Omega well
+      conditioned: an absolute ridge on large, nearly collinear W let the
+      regularizer's gradient blow up).
     grl_scale: the gradient-reversal lambda.
     grl_warmup_steps: > 0 ramps lambda from 0 to grl_scale over these steps with
       Ganin's schedule; 0 uses grl_scale throughout.
@@ -183,7 +186,11 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
     metrics.update({n: v for n, v in aux.items() if jnp.ndim(v) == 0})
     new_state = apply_gradients(state, grads, tx, rng=rng)
     if drss_weight:
-      fresh = omega_closed_form(shared_head_weights(unbox(new_state.params)),
+      w_dk = shared_head_weights(unbox(new_state.params))
+      # Omega does not depend on W's scale; dividing W by its norm makes the ridge
+      # relative, so W^T W's smallest eigenvalues stay above omega_eps of the total
+      # and Omega^-1 in the next gradient step stays bounded whatever W's scale.
+      fresh = omega_closed_form(w_dk / jnp.maximum(jnp.linalg.norm(w_dk), 1e-12),
                                 eps=omega_eps)
       omega = jnp.where(new_state.step % omega_every == 0, fresh, state.omega)
       new_state = new_state.replace(omega=omega)
@@ -225,8 +232,8 @@ def encoders_pretrained(encoder_params: Mapping[str, Any], num_private: int) -> 
 
 def _model(make_encoder: EncoderFactory, *, num_domains: int, num_labels: int,
            private: bool, domain_heads: bool, discriminator_hidden: Optional[int],
-           dropout_rate: float, make_private_encoder: Optional[EncoderFactory] = None
-           ) -> SharedPrivateClassifier:
+           dropout_rate: float, make_private_encoder: Optional[EncoderFactory] = None,
+           common_head: bool = False) -> SharedPrivateClassifier:
   if num_domains < 1:
     raise ValueError(f"num_domains must be >= 1, got {num_domains}")
   make_private = make_private_encoder or make_encoder
@@ -234,7 +241,8 @@ def _model(make_encoder: EncoderFactory, *, num_domains: int, num_labels: int,
       shared=make_encoder(),
       private=tuple(make_private() for _ in range(num_domains)) if private else (),
       num_domains=num_domains, num_labels=num_labels, domain_heads=domain_heads,
-      discriminator_hidden=discriminator_hidden, dropout_rate=dropout_rate)
+      discriminator_hidden=discriminator_hidden, dropout_rate=dropout_rate,
+      common_head=common_head)
 
 
 def fully_shared(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
@@ -291,13 +299,15 @@ def drss(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
          num_domains: int, num_labels: int = 2, difference_weight: float = 0.05,
          drss_weight: float = 1e-3, omega_every: int = 1, dropout_rate: float = 0.1,
          make_private_encoder: Optional[EncoderFactory] = None,
-         **step_kwargs) -> TrainStep:
+         common_head: bool = False, **step_kwargs) -> TrainStep:
   """DRSS: the shared-private model with one output layer per domain whose
-  shared-feature weights carry the matrix-normal prior with learned Omega."""
+  shared-feature weights carry the matrix-normal prior with learned Omega.
+  common_head adds one output layer shared by all domains, so that the per-domain
+  layers model departures from it (see SharedPrivateClassifier)."""
   return feature_tl_step(
       _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
              domain_heads=True, discriminator_hidden=None, dropout_rate=dropout_rate,
-             make_private_encoder=make_private_encoder),
+             make_private_encoder=make_private_encoder, common_head=common_head),
       tx, difference_weight=difference_weight, drss_weight=drss_weight,
       omega_every=omega_every, **step_kwargs)
 
@@ -308,12 +318,13 @@ def drss_adv(make_encoder: EncoderFactory, tx: optax.GradientTransformation, *,
              adversarial_weight: float = 0.05, discriminator_hidden: int = 64,
              dropout_rate: float = 0.1,
              make_private_encoder: Optional[EncoderFactory] = None,
-             **step_kwargs) -> TrainStep:
+             common_head: bool = False, **step_kwargs) -> TrainStep:
   """DRSS-Adv: DRSS plus the adversarial domain discriminator."""
   return feature_tl_step(
       _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=True,
              domain_heads=True, discriminator_hidden=discriminator_hidden,
-             dropout_rate=dropout_rate, make_private_encoder=make_private_encoder),
+             dropout_rate=dropout_rate, make_private_encoder=make_private_encoder,
+             common_head=common_head),
       tx, difference_weight=difference_weight, drss_weight=drss_weight,
       omega_every=omega_every, adversarial_weight=adversarial_weight, **step_kwargs)
 

@@ -160,8 +160,10 @@ def selection_step(classifier: nn.Module, tx: optax.GradientTransformation,
   Returns:
     TrainStep over SelectionState; update takes {'source', 'target', 'dev'} batches.
     Metrics: loss (the TL loss), task_loss, accuracy (on target + selected source),
-    dev_before, reward, baseline, selected_fraction, selector_loss, policy_entropy;
-    MGTL adds domain_loss, domain_accuracy, immediate_reward.
+    dev_before (the dev metric before the step), reward (the delayed reward),
+    baseline, selected_fraction, selector_loss, policy_entropy; MGTL adds
+    domain_loss, domain_accuracy, immediate_reward and source_target_prob (the
+    discriminator's mean target probability of the source batch).
     predict(state, batch) on a plain batch gives logits [B, C], features [B, H] and
     select_prob [B] (the policy's probability of selecting each labeled example).
   """

@@ -65,6 +65,8 @@ class SharedPrivateClassifier(nn.Module):
     initializer_range: stddev of the heads' initializers.
     tied_head_init: start every domain's output layer (shared-feature part) from
       the same initial weights.
+    common_head: with domain_heads, add one head shared by every domain, so the
+      per-domain layers (and Omega) model each domain's departure from it.
   """
   shared: nn.Module
   private: Sequence[nn.Module] = ()
@@ -75,6 +77,7 @@ class SharedPrivateClassifier(nn.Module):
   dropout_rate: float = 0.0
   initializer_range: float = 0.02
   tied_head_init: bool = False
+  common_head: bool = False
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
@@ -107,11 +110,12 @@ class SharedPrivateClassifier(nn.Module):
       parts.append(jnp.einsum("kbe,bk->be", private_kbe, onehot_bk))
     features_bf = jnp.concatenate(parts, -1)
     x_bf = nn.Dropout(self.dropout_rate)(features_bf, deterministic=deterministic)
-    if self.domain_heads:
-      logits_bc = self._domain_heads(x_bf, shared_bd.shape[-1], onehot_bk)
-    else:
+    logits_bc = 0.0
+    if not self.domain_heads or self.common_head:
       logits_bc = layers.Dense((self.num_labels,), ("embed",), ("classes",),
                                init_stddev=self.initializer_range, name="head")(x_bf)
+    if self.domain_heads:
+      logits_bc += self._domain_heads(x_bf, shared_bd.shape[-1], onehot_bk)
     domain_logits_bk = None
     if self.discriminator_hidden is not None:
       domain_logits_bk = DomainDiscriminator(k, self.discriminator_hidden,

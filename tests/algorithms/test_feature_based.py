@@ -43,12 +43,13 @@ def _sgd(lr=0.1):
 
 
 # SharedPrivate-Adv and DRSS run in the sharded test and the DRSS tests below.
-@pytest.mark.parametrize("method,pairs", [
-    ("fully_shared", False), ("shared_private", True), ("drss_adv", True)])
-def test_one_step_smoke(method, pairs):
+@pytest.mark.parametrize("method,pairs,kwargs", [
+    ("fully_shared", False, {}), ("shared_private", True, {}),
+    ("drss_adv", True, {"common_head": True})])
+def test_one_step_smoke(method, pairs, kwargs):
   batch = _batch(np.random.default_rng(0), pairs=pairs)
   tx = make_optimizer("adamw", learning_rate=1e-2, total_steps=10)
-  step = fb.FEATURE_METHODS[method](_encoder(), tx, num_domains=K)
+  step = fb.FEATURE_METHODS[method](_encoder(), tx, num_domains=K, **kwargs)
   state = step.init(jax.random.PRNGKey(0), batch)
   state, metrics = jax.jit(step.update)(state, batch)
   assert int(state.step) == 1
@@ -103,6 +104,30 @@ def test_loss_terms_match_numpy():
   np.testing.assert_allclose(loss, task + 0.3 * diff + 0.2 * dom + 0.7 * reg, rtol=1e-5)
 
 
+def test_domain_and_common_heads_match_numpy():
+  """logits = [s; p_d] . head + b  +  s . Ws[d] + p_d . Wp[d] + b[d] for a row of
+  domain d, recomputed in numpy from the parameters and encoder outputs."""
+  batch = _batch(np.random.default_rng(7), n=9)
+  model = fb._model(_encoder(), num_domains=K, num_labels=2, private=True,
+                    domain_heads=True, discriminator_hidden=None, dropout_rate=0.0,
+                    make_private_encoder=_encoder(4), common_head=True)
+  args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+          batch["domain"])
+  params = unbox(model.init(jax.random.PRNGKey(0), *args)["params"])
+  out = model.apply({"params": params}, *args)
+  s, d = np.asarray(out.shared, np.float64), batch["domain"]
+  p = np.asarray(out.private, np.float64)[d, np.arange(len(d))]
+  x = np.concatenate([s, p], -1)
+  f64 = lambda a: np.asarray(a, np.float64)
+  want = (x @ f64(params["head"]["kernel"]) + f64(params["head"]["bias"])
+          + np.einsum("bd,bdc->bc", s, f64(params["shared_kernel"])[d])
+          + np.einsum("be,bec->bc", p, f64(params["private_kernel"])[d])
+          + f64(params["bias"])[d])
+  np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.features, x, rtol=1e-6)
+  assert out.private.shape == (K, 9, 4)
+
+
 def test_adversary_reverses_the_encoder_gradient():
   """Through gradient reversal the shared encoder gets -lambda times the domain
   loss's plain gradient, the discriminator the plain gradient itself."""
@@ -136,7 +161,8 @@ def test_omega_is_the_numpy_closed_form_of_the_updated_weights():
   np.testing.assert_array_equal(state1.omega, state.omega)  # step 1: not an Omega step
   state2, metrics = update(state1, batch)
   w = np.asarray(shared_head_weights(unbox(state2.params)), np.float64)
-  evals, evecs = np.linalg.eigh(w.T @ w + 1e-6 * np.eye(K))
+  w /= np.linalg.norm(w)  # the step's ridge (1e-3) is relative to tr(W^T W)
+  evals, evecs = np.linalg.eigh(w.T @ w + 1e-3 * np.eye(K))
   root = (evecs * np.sqrt(evals)) @ evecs.T
   np.testing.assert_allclose(state2.omega, root / np.trace(root), rtol=1e-4, atol=1e-6)
   corr = fb.domain_relationships(state2)
@@ -161,7 +187,7 @@ def test_drss_recovers_a_known_domain_relationship():
   steps, size = 250, 48
   data = _related_domains(steps * size, seed=1)
   tx = make_optimizer("adamw", learning_rate=2e-2, total_steps=steps, weight_decay=0.0)
-  step = fb.drss(_encoder(16), tx, num_domains=K, drss_weight=1e-2, dropout_rate=0.0)
+  step = fb.drss(_encoder(16), tx, num_domains=K, drss_weight=1e-3, dropout_rate=0.0)
   state = step.init(jax.random.PRNGKey(0), {k: v[:size] for k, v in data.items()})
   update = jax.jit(step.update)
   for i in range(steps):

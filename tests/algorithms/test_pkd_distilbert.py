@@ -84,12 +84,13 @@ def test_pkd_last_uses_teacher_layer_n_minus_m_plus_1():
                _layer_stack(state0.params["student"]), _layer_stack(teacher_params))
   _, metrics = jax.jit(step.update)(state0, batch)
 
-  forward = jax.jit(lambda m, p: m.apply({"params": p}, batch["input_ids"],
-                                         batch["attention_mask"],
-                                         output_hidden_states=True).encoder.hidden_states,
-                    static_argnums=0)
-  hs = np.asarray(forward(student, unbox(state0.params["student"])))
-  ht = np.asarray(forward(teacher, unbox(teacher_params)))
+  states = lambda m, p: m.apply({"params": p}, batch["input_ids"],
+                                batch["attention_mask"],
+                                output_hidden_states=True).encoder.hidden_states
+  # One compiled function for both models (compiles dominate this test's time).
+  hs, ht = map(np.asarray, jax.jit(lambda ps, pt: (states(student, ps),
+                                                   states(teacher, pt)))(
+      unbox(state0.params["student"]), unbox(teacher_params)))
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   patient = lambda j: ((unit(hs[1][:, 0]) - unit(ht[j][:, 0])) ** 2).mean()
   # M=2, N=4: PKD-Last pairs student layer 1 with teacher layer 3 (PKD-Skip: 2).

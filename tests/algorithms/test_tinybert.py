@@ -49,11 +49,10 @@ def test_stages_switch_and_stage_one_matches_hand_computation():
   # Stage 1's first loss by hand: pairs (1, 2), (2, 4) of g(m) = m N / M, W_h and W_e.
   params = unbox(state0.params)
   kw = dict(output_hidden_states=True, output_attentions=True)
-  forward = jax.jit(lambda m, p, b: m.apply({"params": p}, b["input_ids"],
-                                            b["attention_mask"], **kw).encoder,
-                    static_argnums=0)
-  s_out = forward(student, params["student"], batch)
-  t_out = forward(teacher, unbox(teacher_params), batch)
+  encoder = lambda m, p: m.apply({"params": p}, batch["input_ids"],
+                                 batch["attention_mask"], **kw).encoder
+  s_out, t_out = jax.jit(lambda ps, pt: (encoder(student, ps), encoder(teacher, pt)))(
+      params["student"], unbox(teacher_params))
   mask = batch["attention_mask"]
   hidden = params["projections"]["hidden"]
   embed = params["projections"]["embedding"]

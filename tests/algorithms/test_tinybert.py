@@ -79,8 +79,8 @@ def test_stages_switch_and_stage_one_matches_hand_computation():
 
 def test_two_stages_on_synthetic_data():
   """A width-32, 2-layer student distilled from the trained teacher through both
-  stages on the teacher's (unlabelled) training inputs. Measured at seed 0: see the
-  assertion; plain fine-tuning on the 40 labelled reviews gives about 0.55."""
+  stages on the teacher's (unlabelled) training inputs. Measured at seed 0: 0.79, as
+  the teacher; plain fine-tuning on the 40 labelled reviews gives about 0.55."""
   tokenizer, encoded = fx.synthetic_data()
   teacher, teacher_params, teacher_acc = fx.trained_teacher()
   student = fx.classifier(32, 2, tokenizer.vocab_size)

@@ -228,6 +228,8 @@ def main(argv=None) -> int:
   parser.add_argument("--teacher_steps", type=int, default=300)
   parser.add_argument("--student_steps", type=int, default=300)
   parser.add_argument("--search_steps", type=int, default=200)
+  parser.add_argument("--beta", type=float, default=0.05,
+                      help="AdaBERT's efficiency weight")
   parser.add_argument("--adabert", action="store_true",
                       help="instead of Table 10, report AdaBERT's found student")
   args = parser.parse_args(argv)
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
     report = adabert_report(args.seeds[0], train_size=args.train_size,
                             test_size=args.test_size, teacher_steps=args.teacher_steps,
                             search_steps=args.search_steps,
-                            student_steps=args.student_steps)
+                            student_steps=args.student_steps, beta=args.beta)
     print("| Model | Parameters | Accuracy (%) | Predict ms (batch 256) |")
     print("| --- | --- | --- | --- |")
     for who in ("teacher", "student"):

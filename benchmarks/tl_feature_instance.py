@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable
 
 import jax
 import numpy as np

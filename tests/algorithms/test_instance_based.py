@@ -4,7 +4,6 @@ reward against predictions made outside the step; Ruder & Plank end to end."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -4,11 +4,13 @@
     etjax eval    --gin_file=gin/runs/demo.gin
     etjax predict --gin_file=gin/runs/demo.gin --input=texts.tsv --output=preds.tsv
     etjax demo    --gin_file=gin/runs/demo.gin
+    etjax run     --gin_file=gin/runs/table8_feature_tl.gin   (a paper table)
     etjax plan    --model=t5-11b --mesh=data=2,fsdp=4,model=8 ...
     etjax models
 
 Gin binds the plain functions below (`data`, `classifier`, `optimizer`, `mesh`,
-`train`) in the t5x manner; `--gin.NAME=VALUE` overrides a binding. The fully resolved
+`train`, `experiment` and the experiment functions of etjax.experiments) in the t5x
+manner; `--gin.NAME=VALUE` overrides a binding. The fully resolved
 config is written beside the checkpoints as config.gin.
 """
 
@@ -91,6 +93,32 @@ def train(workdir: str = gin.REQUIRED, num_steps: int = 100, batch_size: int = 3
               eval_batch_size=eval_batch_size, max_length=max_length, seed=seed,
               eval_every=eval_every, checkpoint_every=checkpoint_every,
               keep_best_metric=keep_best_metric, log_every=log_every, progress=progress)
+
+
+@gin.configurable
+def experiment(fn=gin.REQUIRED):
+  """The experiment a run file names (`experiment.fn = @feature_table8`)."""
+  return fn()
+
+
+# Experiment functions a run file may name, by gin name: (module, function).
+EXPERIMENTS = {
+    "feature_table8": ("etjax.experiments.tl_feature_instance", "run_table8"),
+    "instance_table9": ("etjax.experiments.tl_feature_instance", "run_table9"),
+}
+
+
+def register_experiments() -> None:
+  """Makes the experiment functions gin configurables (once)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  for name, (module, function) in EXPERIMENTS.items():
+    if name not in _REGISTERED:
+      gin.external_configurable(getattr(importlib.import_module(module), function),
+                                name=name)
+      _REGISTERED.add(name)
+
+
+_REGISTERED: set = set()
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -213,6 +241,12 @@ def cmd_demo() -> None:
     print(f"  {label:>9}  {sentence}")
 
 
+def cmd_run() -> None:
+  """Runs the experiment of the gin file (a paper table) and prints its result."""
+  result = experiment()
+  print(result if isinstance(result, str) else repr(result))
+
+
 def cmd_models() -> None:
   from etjax.models import list_models  # pylint: disable=g-import-not-at-top
   print("\n".join(list_models()))
@@ -283,6 +317,7 @@ def parse_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
 
 def bind_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses gin files and bindings; a misspelt name fails naming it and where."""
+  register_experiments()
   gin.clear_config()
   search = [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
   for path in search:
@@ -310,8 +345,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of the `etjax` console script."""
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(prog="etjax", description=__doc__.splitlines()[0])
-  parser.add_argument("command", choices=["train", "eval", "predict", "demo", "plan",
-                                          "models"])
+  parser.add_argument("command", choices=["train", "eval", "predict", "demo", "run",
+                                          "plan", "models"])
   parser.add_argument("--input", help="predict: TSV of text_a[<TAB>text_b] per line")
   parser.add_argument("--output", help="predict: where to write the predictions TSV")
   parser.add_argument("--coordinator_address", help="multi-host: process 0's host:port "
@@ -347,6 +382,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
       cmd_predict(args.input, args.output)
     elif args.command == "demo":
       cmd_demo()
+    elif args.command == "run":
+      cmd_run()
   except ValueError as e:
     print(f"etjax {args.command}: error: {e}", file=sys.stderr)
     return 2

@@ -1,8 +1,8 @@
 """Feature-based (paper Table 8) and instance-based (paper Table 9) TL on synthetic
 multi-domain data with a real domain shift, a bag-of-embeddings encoder, 3 seeds.
 
-    python benchmarks/tl_feature_instance.py              # both tables, seeds 0 1 2
-    python benchmarks/tl_feature_instance.py --table 8 --seeds 0
+    python -m etjax.experiments.tl_feature_instance              # both tables, seeds 0 1 2
+    python -m etjax.experiments.tl_feature_instance --table 8 --seeds 0
 
 Table 8 (paraphrase pairs): source 'books' (2000 pairs), targets dvd, electronics,
 kitchen (200 training pairs each, 500 test pairs); scores are averaged over the three
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps9", type=int, default=800)
   parser.add_argument("--trials", type=int, default=8)
   args = parser.parse_args(argv)
-  command = "python benchmarks/tl_feature_instance.py " + " ".join(
+  command = "python -m etjax.experiments.tl_feature_instance " + " ".join(
       sys.argv[1:] if argv is None else argv)
   start = time.time()
   print(f"Command: `{command.strip()}`; device: {jax.devices()[0].platform}, "

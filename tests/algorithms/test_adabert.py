@@ -65,7 +65,10 @@ def _search(beta, teacher, batch, steps=25):
 
 def test_efficiency_term_lowers_expected_cost():
   batch = fx.random_batch(5, batch=8, length=10)
-  teacher = fx.classifier(32, 1, 60, classes=3)
+  # A small non-BERT teacher keeps the two compiles short.
+  teacher = ab.AdaBert(ab.AdaBertConfig(vocab_size=60, num_labels=3, width=16,
+                                        num_cells=1, num_nodes=1, max_length=16),
+                       ("conv3", "identity"))
   teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(1),
                                          batch["input_ids"])["params"]
   free, config = _search(0.0, (teacher, teacher_params), batch)
@@ -78,7 +81,7 @@ def test_efficiency_term_lowers_expected_cost():
 def test_search_derive_and_retrain_on_synthetic_data():
   tokenizer, encoded = fx.synthetic_data()
   teacher, teacher_params, _ = fx.trained_teacher()
-  config = ab.AdaBertConfig(vocab_size=tokenizer.vocab_size, width=32, num_cells=2,
+  config = ab.AdaBertConfig(vocab_size=tokenizer.vocab_size, width=32, num_cells=1,
                             num_nodes=2, max_length=fx.MAX_LENGTH)
   search = ab.adabert_search(config, (teacher, teacher_params), optax.adam(3e-3),
                              optax.adam(3e-2), gamma=0.8, beta=0.05, temperature=2.0)

@@ -79,6 +79,9 @@ def test_efficiency_term_lowers_expected_cost():
 
 
 def test_search_derive_and_retrain_on_synthetic_data():
+  """Measured at seed 0: genotype (identity, identity, maxpool3, zero, dilconv3),
+  17,026 parameters against the teacher's 100,866, test accuracy 0.78 (teacher
+  0.79)."""
   tokenizer, encoded = fx.synthetic_data()
   teacher, teacher_params, _ = fx.trained_teacher()
   config = ab.AdaBertConfig(vocab_size=tokenizer.vocab_size, width=32, num_cells=1,

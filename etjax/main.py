@@ -101,17 +101,34 @@ def experiment(fn=gin.REQUIRED):
   return fn()
 
 
-# Experiment functions a run file may name, by gin name: (module, function).
+# Library functions gin files may bind, by gin name: (module, function). The
+# experiments are what run files name (`experiment.fn = @...`); the algorithm builders
+# are what gin/algorithms/*.gin files configure.
 EXPERIMENTS = {
     "feature_table8": ("etjax.experiments.tl_feature_instance", "run_table8"),
     "instance_table9": ("etjax.experiments.tl_feature_instance", "run_table9"),
 }
+ALGORITHMS = {
+    "distill": ("etjax.algorithms.distill", "distill"),
+    "pkd": ("etjax.algorithms.pkd", "pkd"),
+    "distilbert": ("etjax.algorithms.distilbert", "distilbert"),
+    "tinybert": ("etjax.algorithms.tinybert", "tinybert"),
+    "AdaBertConfig": ("etjax.algorithms.adabert", "AdaBertConfig"),
+    "adabert_search": ("etjax.algorithms.adabert", "adabert_search"),
+    "feature_tl": ("etjax.algorithms.feature_based", "build_feature_step"),
+    "instance_tl": ("etjax.algorithms.instance_based", "build_instance_step"),
+    "ruder_plank": ("etjax.algorithms.ruder_plank", "ruder_plank"),
+    "metaft": ("etjax.algorithms.metaft", "metaft"),
+    "metadtl": ("etjax.algorithms.metadtl", "metadtl"),
+    "meta_teacher": ("etjax.algorithms.metakd", "meta_teacher"),
+    "metakd": ("etjax.algorithms.metakd", "metakd"),
+}
 
 
 def register_experiments() -> None:
-  """Makes the experiment functions gin configurables (once)."""
+  """Makes the experiment functions and algorithm builders gin configurables (once)."""
   import importlib  # pylint: disable=g-import-not-at-top
-  for name, (module, function) in EXPERIMENTS.items():
+  for name, (module, function) in {**EXPERIMENTS, **ALGORITHMS}.items():
     if name not in _REGISTERED:
       gin.external_configurable(getattr(importlib.import_module(module), function),
                                 name=name)

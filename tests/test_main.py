@@ -30,6 +30,16 @@ def test_every_shipped_run_file_parses_and_says_its_command(path):
   main.bind_gin([os.path.relpath(path, ROOT)], [])
 
 
+ALGORITHM_FILES = sorted(glob.glob(os.path.join(ROOT, "gin", "algorithms", "*.gin")))
+
+
+@pytest.mark.parametrize("path", ALGORITHM_FILES,
+                         ids=[os.path.basename(p) for p in ALGORITHM_FILES])
+def test_every_algorithm_file_binds_existing_parameters(path):
+  # gin checks each binding against the registered function's signature.
+  main.bind_gin([os.path.relpath(path, ROOT)], [])
+
+
 def test_gin_args_are_split_t5x_style():
   files, bindings, rest = main.parse_gin_args(
       ["train", "--gin_file=a.gin", "--gin_file", "b.gin", "--gin.train.num_steps=3",

@@ -357,8 +357,8 @@ def start_from(step: TrainStep, params: PyTree,
 
   Returns:
     A TrainStep whose init builds `step`'s state, swaps in `params` (boxes kept) and
-    re-initialises the optimizer state; update and predict are `step`'s own functions,
-    so a jitted update compiled for `step` is reused.
+    re-initialises the optimizer state; update and predict are `step`'s own function
+    objects, so one jitted update can serve runs from fresh and from given params.
   """
   plain = jax.device_get(unbox(params))
 

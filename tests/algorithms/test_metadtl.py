@@ -120,7 +120,7 @@ def test_loss_matches_numpy():
   own_logp = np_log_softmax(np.where(own, logits, -np.inf))
   task = -(w * own_logp[np.arange(len(w)), classes]).sum() / w.sum()
   other_logp = np_log_softmax(np.where(~own, logits, -np.inf))
-  soft = -np.where(rel[classes] > 0, rel[classes] * other_logp, 0.0).sum(-1)
+  soft = -(rel[classes] * np.where(rel[classes] > 0, other_logp, 0.0)).sum(-1)
   relation = (w * soft).sum() / w.sum()
   np.testing.assert_allclose(aux["task_loss"], task, rtol=1e-5)
   np.testing.assert_allclose(aux["relation_loss"], relation, rtol=1e-5)

@@ -211,6 +211,10 @@ def test_one_step_smoke_and_errors():
   ft_state = jax.jit(ft.init)(jax.random.PRNGKey(9), batch)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
                unbox(ft_state.params), unbox(new.params["model"]))
+  ft_state = jax.jit(mf.finetune_from(new.params["model"], tiny(), tx).init)(
+      jax.random.PRNGKey(9), batch)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+               unbox(ft_state.params), unbox(new.params["model"]))
 
 
 def test_dataset_prototypes_equal_class_prototypes_of_all_rows():

@@ -1,26 +1,27 @@
 """Meta-learning TL on synthetic data, shaped like the paper's Tables 10, 11 and 12.
 
-    python benchmarks/tl_meta.py                       # all three tables, seeds 0 1 2
-    python benchmarks/tl_meta.py --tables 11 --seeds 0
+    python -m etjax.experiments.tl_meta                 # all three tables, seeds 0 1 2
+    python -m etjax.experiments.tl_meta --tables 11 --seeds 0
+    etjax run --gin_file=gin/runs/table11_metaft.gin    # one table as a gin job
 
-Table 10 (MetaKD rows; the BERT-s/mix and TinyBERT rows come from tl_distill.py with
-the same data, sizes and models): four review domains with `train_size` labelled
-reviews each. The meta-teacher (BERT, 4 layers, width 64) is MetaFT's meta-learner on
-the four domains mixed; the MetaKD student (2 layers, width 32) is meta-distilled from
-it on the same inputs (KD + embedding, hidden and attention MSE, weighted by the
-teacher's domain expertise). For reference, the same student fine-tuned on the same
-labelled data without a teacher.
+Table 10 (MetaKD rows; the BERT-s/mix and TinyBERT rows come from
+benchmarks/tl_distill.py with the same data sizes, models, vocabulary and length):
+four review domains with `train_size` labelled reviews each. The meta-teacher (BERT,
+4 layers, width 64) is MetaFT's meta-learner on the four domains mixed; the MetaKD
+student (2 layers, width 32) is meta-distilled from it on the same inputs (KD +
+embedding, hidden and attention MSE, weighted by the teacher's domain expertise). For
+reference, the same student fine-tuned on the same labelled data without a teacher.
 
 Table 11 (MetaFT): each domain keeps 5/10/20% of `train_size` reviews. Without
 MetaFT: a classifier (2 layers, width 32) fine-tuned on its domain's share. With
 MetaFT: one meta-learner on the four domains' shares, then fine-tuned on each domain's.
 
 Table 12 (single task vs MetaFT vs MetaDTL): 2-way entailment (SciTail-like nli2) with
-1/2/5/10/20% of `nli2_size` training pairs, and 3-way NLI (MNLI-like nli3,
-`nli3_size` pairs) for transfer; classifiers of 2 layers, width 32. Single task: fine-tuning on the nli2 share. MetaFT:
-meta-learner over the nli2 share's four domains, then fine-tuned. MetaDTL: meta-learner
-over nli3 and the nli2 share (first-order episodes), its nli2 head cut out and
-fine-tuned.
+1/2/5/10/20% of `nli2_size` training pairs, and 3-way NLI (MNLI-like nli3, `nli3_size`
+pairs) for transfer; classifiers of 2 layers, width 32. Single task: fine-tuning on
+the nli2 share. MetaFT: meta-learner over the nli2 share's four domains, then
+fine-tuned. MetaDTL: meta-learner over nli3 and the nli2 share (first-order episodes),
+its nli2 head cut out and fine-tuned.
 
 Cells are mean +- standard deviation of test accuracy (%) over the seeds, which draw
 the data and the initialisation. One compiled update per kind of step serves every
@@ -45,16 +46,19 @@ from etjax.algorithms.finetune import finetune, with_pretrained
 from etjax.algorithms.step import unbox
 from etjax.data import synthetic
 import etjax.models as models
-import tl_distill as td
 
 DOMAINS = synthetic.DOMAINS
+# As benchmarks/tl_distill.py: every seed's tokenizer has at most VOCAB ids, so one
+# compiled step serves all seeds.
+MAX_LENGTH = 48
+VOCAB = 1000
 PERCENTS_11 = (5, 10, 20)
 PERCENTS_12 = (1, 2, 5, 10, 20)
 
 
 def classifier(hidden: int, layers: int, classes: int) -> models.SequenceClassifier:
-  """A BERT classifier with tl_distill's vocabulary, dropout 0.1."""
-  config = models.get_config("bert-tiny", vocab_size=td.VOCAB, hidden_size=hidden,
+  """A BERT classifier over VOCAB ids, dropout 0.1."""
+  config = models.get_config("bert-tiny", vocab_size=VOCAB, hidden_size=hidden,
                              num_layers=layers, num_heads=2, intermediate_size=2 * hidden,
                              max_position_embeddings=64, hidden_dropout=0.1,
                              attention_dropout=0.1)
@@ -62,12 +66,26 @@ def classifier(hidden: int, layers: int, classes: int) -> models.SequenceClassif
                                    dropout_rate=0.1)
 
 
-class Runner(td.Runner):
-  """tl_distill's Runner that can also start from given params (plain arrays)."""
+def encoded_domains(seed: int, train_size: int, test_size: int):
+  """({domain: {'train', 'test': encoded}}, the four training sets mixed)."""
+  splits = synthetic.multi_domain_splits(
+      {d: (train_size, 0, test_size) for d in DOMAINS}, seed=seed)
+  texts = [ex.text_a for d in splits.values() for part in d.values() for ex in part]
+  tokenizer = data_lib.build_wordpiece_tokenizer(texts, vocab_size=VOCAB)
+  out = {d: {s: data_lib.encode_examples(splits[d][s], tokenizer, MAX_LENGTH)
+             for s in ("train", "test")} for d in DOMAINS}
+  return out, data_lib.concatenate([out[d]["train"] for d in DOMAINS])
+
+
+class Runner:
+  """Jits a TrainStep's init, update and predict once; trains from swapped-in
+  parameters and evaluates."""
 
   def __init__(self, step, tx):
-    super().__init__(step)
-    self.tx = tx
+    self.step, self.tx = step, tx
+    self.init = jax.jit(step.init)
+    self.update = jax.jit(step.update)
+    self.predict = jax.jit(step.predict)
 
   def train(self, data, num_steps, seed, batch_size=32, teacher_params=None,
             start_params=None, **changes):
@@ -77,8 +95,8 @@ class Runner(td.Runner):
                                        process_index=0)
     state = self.init(jax.random.PRNGKey(seed), next(iterator))
     if teacher_params is not None:
-      rebox = td._rebox  # pylint: disable=protected-access
-      state = state.replace(teacher_params=rebox(state.teacher_params, teacher_params))
+      state = state.replace(teacher_params=with_pretrained(state.teacher_params,
+                                                           teacher_params))
     if start_params is not None:
       params = with_pretrained(state.params, start_params)
       state = state.replace(params=params, opt_state=self.tx.init(params))
@@ -114,7 +132,7 @@ def table10(seeds, train_size, test_size, teacher_steps, student_steps) -> dict:
   plain = Runner(finetune(student_model, student_tx), student_tx)
   student = None
   for seed in seeds:
-    data, mixed = td.encoded_domains(seed, train_size, test_size)
+    data, mixed = encoded_domains(seed, train_size, test_size)
     teacher_state = teacher.train(mixed, teacher_steps, seed)
     teacher_params = jax.device_get(unbox(teacher_state.params["model"]))
     protos = mk.teacher_prototypes(teacher_model, teacher_params, data_lib.eval_batches(
@@ -152,7 +170,7 @@ def table11(seeds, train_size, test_size, meta_steps, ft_steps) -> dict:
   ft = Runner(finetune(model, ft_tx), ft_tx)
   results: dict = {}
   for seed in seeds:
-    data, _ = td.encoded_domains(seed, train_size, test_size)
+    data, _ = encoded_domains(seed, train_size, test_size)
     for percent in PERCENTS_11:
       shares = {d: _share(data[d]["train"], percent, train_size) for d in DOMAINS}
       meta_state = meta.train(data_lib.concatenate(list(shares.values())), meta_steps,
@@ -176,8 +194,8 @@ def _nli(seed, nli3_size, nli2_size, test_size):
                                        seed=seed)
   texts = [t for task in splits.values() for part in task.values() for ex in part
            for t in (ex.text_a, ex.text_b)]
-  tokenizer = data_lib.build_wordpiece_tokenizer(texts, vocab_size=td.VOCAB)
-  enc = lambda ex: data_lib.encode_examples(ex, tokenizer, td.MAX_LENGTH)
+  tokenizer = data_lib.build_wordpiece_tokenizer(texts, vocab_size=VOCAB)
+  enc = lambda ex: data_lib.encode_examples(ex, tokenizer, MAX_LENGTH)
   nli2 = enc(splits["nli2"]["train"])
   # Shares are prefixes of a fixed shuffle, so every domain appears in every share.
   nli2 = data_lib.take(nli2, np.random.default_rng(seed).permutation(nli2_size))
@@ -220,7 +238,12 @@ def _cell(values) -> str:
 
 
 def markdown10(results) -> str:
-  return td.markdown(results, []).rsplit("\n", 1)[0]
+  columns = list(DOMAINS) + ["Average"]
+  lines = ["| Model | " + " | ".join(columns) + " |",
+           "| --- |" + " --- |" * len(columns)]
+  for name, row in results.items():
+    lines.append(f"| {name} | " + " | ".join(_cell(row[c]) for c in columns) + " |")
+  return "\n".join(lines)
 
 
 def markdown11(results) -> str:
@@ -243,6 +266,30 @@ def markdown12(results) -> str:
   return "\n".join(lines)
 
 
+def run_table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
+                teacher_steps: int = 300, student_steps: int = 300) -> str:
+  """Table 10's MetaKD rows as markdown (gin/runs/table10_metakd.gin)."""
+  r = table10(tuple(seeds), train_size, test_size, teacher_steps, student_steps)
+  return ("Table 10 (MetaKD rows), accuracy (%) per domain, mean ± std over seeds "
+          f"{list(seeds)}\n\n" + markdown10(r))
+
+
+def run_table11(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
+                meta_steps: int = 200, ft_steps: int = 60) -> str:
+  """Table 11 as markdown (gin/runs/table11_metaft.gin)."""
+  r = table11(tuple(seeds), train_size, test_size, meta_steps, ft_steps)
+  return ("Table 11 (MetaFT with 5/10/20% of each domain's data), accuracy (%), mean ± "
+          f"std over seeds {list(seeds)}\n\n" + markdown11(r))
+
+
+def run_table12(seeds=(0, 1, 2), nli3_size: int = 1500, nli2_size: int = 2000,
+                test_size: int = 400, meta_steps: int = 200, ft_steps: int = 60) -> str:
+  """Table 12 as markdown (gin/runs/table12_metadtl.gin)."""
+  r = table12(tuple(seeds), nli3_size, nli2_size, test_size, meta_steps, ft_steps)
+  return ("Table 12 (nli2 target with nli3 for transfer), accuracy (%), mean ± std over "
+          f"seeds {list(seeds)}\n\n" + markdown12(r))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tables", nargs="+", default=["10", "11", "12"])
@@ -257,23 +304,17 @@ def main(argv=None) -> int:
   parser.add_argument("--nli2_size", type=int, default=2000)
   parser.add_argument("--nli_meta_steps", type=int, default=200)
   args = parser.parse_args(argv)
-  seeds = tuple(args.seeds)
   start = time.time()
   if "10" in args.tables:
-    r = table10(seeds, args.train_size, args.test_size, args.teacher_steps,
-                args.student_steps)
-    print("Table 10 (MetaKD rows), accuracy (%) per domain\n\n" + markdown10(r) + "\n",
-          flush=True)
+    print(run_table10(args.seeds, args.train_size, args.test_size, args.teacher_steps,
+                      args.student_steps) + "\n", flush=True)
   if "11" in args.tables:
-    r = table11(seeds, args.train_size, args.test_size, args.meta_steps, args.ft_steps)
-    print("Table 11 (MetaFT with 5/10/20% of each domain's data), accuracy (%)\n\n"
-          + markdown11(r) + "\n", flush=True)
+    print(run_table11(args.seeds, args.train_size, args.test_size, args.meta_steps,
+                      args.ft_steps) + "\n", flush=True)
   if "12" in args.tables:
-    r = table12(seeds, args.nli3_size, args.nli2_size, args.test_size,
-                args.nli_meta_steps, args.ft_steps)
-    print("Table 12 (nli2 target with nli3 for transfer), accuracy (%)\n\n"
-          + markdown12(r) + "\n", flush=True)
-  print(f"Mean ± std over seeds {list(seeds)}. Command: python benchmarks/tl_meta.py "
+    print(run_table12(args.seeds, args.nli3_size, args.nli2_size, args.test_size,
+                      args.nli_meta_steps, args.ft_steps) + "\n", flush=True)
+  print(f"Command: python -m etjax.experiments.tl_meta "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}  "
         f"({time.time() - start:.0f} s on {jax.devices()[0].platform})")
   return 0

@@ -5,7 +5,7 @@
     etjax run --gin_file=gin/runs/table11_metaft.gin    # one table as a gin job
 
 Table 10 (MetaKD rows; the BERT-s/mix and TinyBERT rows come from
-benchmarks/tl_distill.py with the same data sizes, models, vocabulary and length):
+etjax/experiments/tl_distill.py with the same data sizes, models, vocabulary and length):
 four review domains with `train_size` labelled reviews each. The meta-teacher (BERT,
 4 layers, width 64) is MetaFT's meta-learner on the four domains mixed; the MetaKD
 student (2 layers, width 32) is meta-distilled from it on the same inputs (KD +
@@ -48,7 +48,7 @@ from etjax.data import synthetic
 import etjax.models as models
 
 DOMAINS = synthetic.DOMAINS
-# As benchmarks/tl_distill.py: every seed's tokenizer has at most VOCAB ids, so one
+# As etjax/experiments/tl_distill.py: every seed's tokenizer has at most VOCAB ids, so one
 # compiled step serves all seeds.
 MAX_LENGTH = 48
 VOCAB = 1000

@@ -254,7 +254,7 @@ def test_metaft_beats_single_domain_finetuning_with_few_target_examples():
   """Meta-learner on 300 reviews of each other domain plus the 40 of the target,
   then 60 fine-tuning steps on the 40; against the same 60 steps from scratch.
   Measured (seed 0, 8 fake devices as under pytest): single-domain 0.61, MetaFT 0.70;
-  benchmarks/tl_meta.py's Table 11 gives the spread over seeds."""
+  etjax.experiments.tl_meta's Table 11 gives the spread over seeds."""
   tokenizer, meta_rows, target, test = few_shot_data(0)
   model = fx.classifier(32, 1, tokenizer.vocab_size, dropout=0.1)
   tx = optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=150,

@@ -1,8 +1,8 @@
 """Distillation on synthetic multi-domain reviews, shaped like the paper's Table 10.
 
-    python benchmarks/tl_distill.py                    # seeds 0 1 2, markdown table
-    python benchmarks/tl_distill.py --seeds 0 --teacher_steps 100 --student_steps 100
-    python benchmarks/tl_distill.py --adabert        # AdaBERT's found student vs teacher
+    python -m etjax.experiments.tl_distill                    # seeds 0 1 2, markdown table
+    python -m etjax.experiments.tl_distill --seeds 0 --teacher_steps 100 --student_steps 100
+    python -m etjax.experiments.tl_distill --adabert        # AdaBERT's found student vs teacher
 
 Four domains (books, dvd, electronics, kitchen), each with `train_size` labelled
 reviews and `test_size` clean test reviews. Teachers (BERT, 4 layers, width 64):
@@ -220,6 +220,13 @@ def markdown(results: dict, seeds) -> str:
   return "\n".join(lines)
 
 
+def run_table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
+                teacher_steps: int = 300, student_steps: int = 300) -> str:
+  """Table 10's teacher and TinyBERT rows as markdown (gin/runs/table10_tinybert.gin)."""
+  return markdown(table10(tuple(seeds), train_size, test_size, teacher_steps,
+                          student_steps), seeds)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -247,14 +254,14 @@ def main(argv=None) -> int:
             f"{report[who + '_ms']:.2f} |")
     print(f"\nGenotype: {report['genotype']}; expected cost after search "
           f"{report['expected_cost']:.3f}")
-    print(f"\nCommand: python benchmarks/tl_distill.py "
+    print(f"\nCommand: python -m etjax.experiments.tl_distill "
           f"{' '.join(argv or sys.argv[1:])}  ({time.time() - start:.0f} s on "
           f"{jax.devices()[0].platform})")
     return 0
   results = table10(tuple(args.seeds), args.train_size, args.test_size,
                     args.teacher_steps, args.student_steps)
   print(markdown(results, args.seeds))
-  print(f"\nCommand: python benchmarks/tl_distill.py {' '.join(argv or sys.argv[1:])}"
+  print(f"\nCommand: python -m etjax.experiments.tl_distill {' '.join(argv or sys.argv[1:])}"
         f"  ({time.time() - start:.0f} s on {jax.devices()[0].platform})")
   return 0
 

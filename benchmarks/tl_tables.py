@@ -1,0 +1,43 @@
+"""All of the paper's transfer-learning tables on synthetic data, for RESULTS.md.
+
+    python benchmarks/tl_tables.py                  # Tables 8-12, seeds 0 1 2
+    python benchmarks/tl_tables.py --tables 8 11 --seeds 0
+
+Each table is an experiment of etjax.experiments, the same function that
+`etjax run --gin_file=gin/runs/<table>.gin` runs; this script only calls them in turn
+with the same defaults and prints their markdown with the wall time of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from etjax.experiments import tl_distill, tl_feature_instance, tl_meta
+
+TABLES = {
+    "8": ("Table 8 (feature-based)", tl_feature_instance.run_table8),
+    "9": ("Table 9 (instance-based)", tl_feature_instance.run_table9),
+    "10": ("Table 10 (teachers, TinyBERT)", tl_distill.run_table10),
+    "10meta": ("Table 10 (meta-teacher, MetaKD)", tl_meta.run_table10),
+    "11": ("Table 11 (MetaFT)", tl_meta.run_table11),
+    "12": ("Table 12 (MetaDTL)", tl_meta.run_table12),
+}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  args = parser.parse_args(argv)
+  for key in args.tables:
+    title, run = TABLES[key]
+    start = time.time()
+    print(f"## {title}\n\n{run(seeds=tuple(args.seeds))}\n\n"
+          f"({time.time() - start:.0f} s)\n", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

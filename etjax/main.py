@@ -172,11 +172,13 @@ def _job(workdir_suffix: str = "", **classifier_changes):
   step = algorithms.finetune(module, tx, pretrained=pretrained)
   spec, rules = mesh()
   workdir = os.path.join(run["workdir"], workdir_suffix) if workdir_suffix else run["workdir"]
+  config = module.encoder.config
   trainer = Trainer(step, workdir=workdir, num_steps=run["num_steps"], mesh=spec,
                     rules=rules, seed=run["seed"], eval_every=run["eval_every"],
                     checkpoint_every=run["checkpoint_every"],
                     keep_best_metric=run["keep_best_metric"], log_every=run["log_every"],
-                    progress=run["progress"])
+                    progress=run["progress"],
+                    pipeline=(config.pipeline_stages, config.pipeline_microbatches))
   encode = lambda examples: pipeline.encode_examples(examples, tokenizer,
                                                      run["max_length"])
   return trainer, splits, tokenizer, encode, run

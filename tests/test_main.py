@@ -84,6 +84,23 @@ def test_train_eval_predict_end_to_end(tmp_path, capsys):
   assert all(line.split("\t")[2] in ("negative", "positive") for line in lines[1:])
 
 
+def test_pipelined_training_reports_the_bubble_fraction(tmp_path, capsys):
+  import json  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "pipe")
+  overrides = ("--gin.classifier.overrides={'num_layers': 2, 'hidden_size': 32, "
+               "'num_heads': 2, 'intermediate_size': 64, 'pipeline_stages': 2, "
+               "'pipeline_microbatches': 2}")
+  args = [a for a in TINY if "overrides" not in a and "mesh" not in a and
+          "batch_size=" not in a]
+  args += [overrides, "--gin.train.batch_size=16", "--gin.train.num_steps=2",
+           "--gin.mesh.spec='stage=2,data=-1'", "--gin.mesh.rules='3d'",
+           f"--gin.train.workdir='{workdir}'"]
+  assert main.run(["train"] + args) == 0, capsys.readouterr().err
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  pipeline = [r for r in records if r["split"] == "pipeline"]
+  assert pipeline and pipeline[0]["bubble_fraction"] == pytest.approx((2 - 1) / (2 + 2 - 1))
+
+
 def test_plan_command_counts_the_real_models_parameters():
   """`etjax plan --json` for a zoo model (in a subprocess: it re-executes itself with the
   mesh's fake devices) against the parameters of the initialised model."""

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from etjax.algorithms.step import TrainState, TrainStep
 from etjax.sharding import mesh as mesh_lib
 from etjax.sharding import partitioning, rules as rules_lib
+from etjax.sharding.pipeline import bubble_fraction
 from etjax.train import checkpoints as ckpt_lib
 from etjax.train import logging as log_lib
 from etjax.train import metrics as metrics_lib
@@ -101,6 +102,9 @@ class Trainer:
     log_every: write train metrics every this many steps.
     progress: show a tqdm progress bar.
     tensorboard: write TensorBoard event files besides metrics.jsonl.
+    pipeline: (stages, microbatches) of the model's pipeline over the `stage` axis;
+      with stages > 1 the run reports the GPipe bubble fraction (S-1)/(M+S-1) (the
+      trainer cannot see inside the model, so the caller says).
   """
 
   def __init__(self, train_step: TrainStep, *, workdir: str, num_steps: int,
@@ -108,7 +112,8 @@ class Trainer:
                rules: str | Sequence = "dp", seed: int = 0, eval_every: int = 0,
                checkpoint_every: int = 0, keep_last: int = 2,
                keep_best_metric: Optional[str] = None, best_mode: str = "max",
-               log_every: int = 50, progress: bool = True, tensorboard: bool = True):
+               log_every: int = 50, progress: bool = True, tensorboard: bool = True,
+               pipeline: tuple[int, int] = (1, 1)):
     for name, value in (("num_steps", num_steps), ("eval_every", eval_every),
                         ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
       if value < 0 or (name in ("num_steps", "log_every") and value == 0):
@@ -121,6 +126,7 @@ class Trainer:
     self.keep_best_metric, self.progress, self.tensorboard = (keep_best_metric, progress,
                                                               tensorboard)
     self.mesh = _as_mesh(mesh)
+    self.pipeline = tuple(pipeline)
     self.rules = rules_lib.get_rules(rules)
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), keep_last=keep_last,
@@ -258,6 +264,13 @@ class Trainer:
     self._setup(first)
     state, step, resumed = self._start(train_iter, first)
     writer = log_lib.MetricsWriter(self.workdir, tensorboard=self.tensorboard)
+    if self.pipeline[0] > 1:
+      bubble = bubble_fraction(*self.pipeline)
+      writer.write(step, "pipeline", {"stages": self.pipeline[0],
+                                      "microbatches": self.pipeline[1],
+                                      "bubble_fraction": bubble})
+      logging.info("pipeline %d stages x %d microbatches: bubble fraction %.3f",
+                   *self.pipeline, bubble)
     bar = log_lib.Progress(self.num_steps, step, enabled=self.progress)
     window = log_lib.ThroughputWindow()
     eval_metrics: dict = {}

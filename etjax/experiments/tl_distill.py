@@ -46,12 +46,13 @@ VOCAB = 1000
 DOMAINS = synthetic.DOMAINS
 
 
-def classifier(hidden: int, layers: int, vocab: int) -> models.SequenceClassifier:
-  config = models.get_config("bert-tiny", vocab_size=vocab, hidden_size=hidden,
+def classifier(hidden: int, layers: int, classes: int = 2) -> models.SequenceClassifier:
+  """A BERT classifier over VOCAB ids, dropout 0.1."""
+  config = models.get_config("bert-tiny", vocab_size=VOCAB, hidden_size=hidden,
                              num_layers=layers, num_heads=2, intermediate_size=2 * hidden,
                              max_position_embeddings=64, hidden_dropout=0.1,
                              attention_dropout=0.1)
-  return models.SequenceClassifier(models.module_for(config), num_labels=2,
+  return models.SequenceClassifier(models.module_for(config), num_labels=classes,
                                    dropout_rate=0.1)
 
 
@@ -114,8 +115,8 @@ def table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
   for seed in seeds:
     data, mixed = encoded_domains(seed, train_size, test_size)
     if "teacher" not in runners:
-      teacher_model = classifier(64, 4, VOCAB)
-      student_model = classifier(32, 2, VOCAB)
+      teacher_model = classifier(64, 4)
+      student_model = classifier(32, 2)
       runners["teacher"] = Runner(finetune(teacher_model, optim.make_optimizer(
           "adamw", learning_rate=2e-3, total_steps=teacher_steps,
           warmup_steps=teacher_steps // 10)))
@@ -176,7 +177,7 @@ def adabert_report(seed: int = 0, domain: str = "electronics", train_size: int =
   from etjax.algorithms.distill import distill, hinton  # pylint: disable=g-import-not-at-top
   data, _ = encoded_domains(seed, train_size, test_size)
   train, test = data[domain]["train"], data[domain]["test"]
-  teacher_model = classifier(64, 4, VOCAB)
+  teacher_model = classifier(64, 4)
   teacher = Runner(finetune(teacher_model, optim.make_optimizer(
       "adamw", learning_rate=2e-3, total_steps=teacher_steps,
       warmup_steps=teacher_steps // 10)))

@@ -45,36 +45,12 @@ from etjax.algorithms import optim
 from etjax.algorithms.finetune import finetune, with_pretrained
 from etjax.algorithms.step import unbox
 from etjax.data import synthetic
-import etjax.models as models
+# Same data sizes, models, vocabulary and length as the distillation rows of Table 10.
+from etjax.experiments.tl_distill import (DOMAINS, MAX_LENGTH, VOCAB, classifier,
+                                         encoded_domains)
 
-DOMAINS = synthetic.DOMAINS
-# As etjax/experiments/tl_distill.py: every seed's tokenizer has at most VOCAB ids, so one
-# compiled step serves all seeds.
-MAX_LENGTH = 48
-VOCAB = 1000
 PERCENTS_11 = (5, 10, 20)
 PERCENTS_12 = (1, 2, 5, 10, 20)
-
-
-def classifier(hidden: int, layers: int, classes: int) -> models.SequenceClassifier:
-  """A BERT classifier over VOCAB ids, dropout 0.1."""
-  config = models.get_config("bert-tiny", vocab_size=VOCAB, hidden_size=hidden,
-                             num_layers=layers, num_heads=2, intermediate_size=2 * hidden,
-                             max_position_embeddings=64, hidden_dropout=0.1,
-                             attention_dropout=0.1)
-  return models.SequenceClassifier(models.module_for(config), num_labels=classes,
-                                   dropout_rate=0.1)
-
-
-def encoded_domains(seed: int, train_size: int, test_size: int):
-  """({domain: {'train', 'test': encoded}}, the four training sets mixed)."""
-  splits = synthetic.multi_domain_splits(
-      {d: (train_size, 0, test_size) for d in DOMAINS}, seed=seed)
-  texts = [ex.text_a for d in splits.values() for part in d.values() for ex in part]
-  tokenizer = data_lib.build_wordpiece_tokenizer(texts, vocab_size=VOCAB)
-  out = {d: {s: data_lib.encode_examples(splits[d][s], tokenizer, MAX_LENGTH)
-             for s in ("train", "test")} for d in DOMAINS}
-  return out, data_lib.concatenate([out[d]["train"] for d in DOMAINS])
 
 
 class Runner:

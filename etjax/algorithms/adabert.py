@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from etjax.algorithms.distill import DistillLoss, DistillState, Teacher, distill_update
-from etjax.algorithms.distill import student_predict
+from etjax.algorithms.distill import (DistillLoss, DistillState, Teacher,
+                                     distill_train_step)
 from etjax.algorithms.finetune import (init_params, weighted_accuracy,
                                        weighted_cross_entropy)
 from etjax.algorithms.step import TrainStep
@@ -293,18 +293,7 @@ def adabert_search(config: AdaBertConfig, teacher: Teacher,
                   student_init=lambda rng, batch: init_params(model, rng, batch)),
       beta)
   tx = optax.multi_transform({"weights": tx_weights, "arch": tx_arch}, arch_labels)
-
-  def init(rng, batch):
-    params_rng, state_rng = jax.random.split(rng)
-    params, teacher_params = objective.objective.init(params_rng, batch)
-    return DistillState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=tx.init(params), rng=state_rng,
-                        teacher_params=teacher_params)
-
-  def update(state, batch):
-    return distill_update(objective, tx, state, batch)
-
-  return TrainStep(init=init, update=update, predict=student_predict(objective))
+  return distill_train_step(objective, tx, objective.objective.init)
 
 
 def architecture_weights(state: DistillState, config: AdaBertConfig,

@@ -394,10 +394,21 @@ def distill(student: Union[nn.Module, LossFn], teacher: Teacher,
   objective = DistillLoss(student, teacher, dict(losses), temperature=temperature,
                           layer_map=layer_map, student_init=student_init,
                           pretrained=pretrained)
+  return distill_train_step(objective, tx, objective.init)
 
+
+def distill_train_step(objective, tx, init_fn) -> TrainStep:
+  """The TrainStep of a distillation objective (a DistillLoss, or a wrapper of one that
+  `distill_update` and `student_predict` accept).
+
+  Args:
+    objective: what `distill_update` minimises.
+    tx: the student's optimizer.
+    init_fn: (rng, batch) -> (student params, frozen teacher params).
+  """
   def init(rng, batch):
     params_rng, state_rng = jax.random.split(rng)
-    params, teacher_params = objective.init(params_rng, batch)
+    params, teacher_params = init_fn(params_rng, batch)
     return DistillState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=tx.init(params), rng=state_rng,
                         teacher_params=teacher_params)

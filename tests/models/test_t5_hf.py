@@ -1,12 +1,11 @@
 """T5 <-> Hugging Face: loading and saving, against transformers' outputs.
 
 The fixture tests read outputs stored by fixtures/make_t5_fixtures.py (no torch); the
-live tests run transformers itself where it and torch are importable.
+live tests run transformers itself (installed by `make test`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,9 +20,6 @@ from etjax.models.t5 import T5Encoder, T5Model
 from t5_testlib import (FLAVOURS, assert_close, expected, fixture_dir, rng_key,
                        tiny_config)
 
-HAVE_TORCH = (importlib.util.find_spec("torch") is not None
-              and importlib.util.find_spec("transformers") is not None)
-live = pytest.mark.skipif(not HAVE_TORCH, reason="needs transformers and torch")
 
 SEQ2SEQ_KEYS = ("encoder_last_hidden_state", "last_hidden_state", "logits")
 
@@ -136,7 +132,6 @@ def _torch_outputs(model, e):
           "logits": out.logits.numpy()}
 
 
-@live
 @pytest.mark.parametrize("tied", [True, False])
 def test_transformers_loads_what_etjax_saves(tied, tmp_path):
   import transformers  # pylint: disable=g-import-not-at-top
@@ -156,7 +151,6 @@ def test_transformers_loads_what_etjax_saves(tied, tmp_path):
     assert_close(ours[key], theirs[key], what=key)
 
 
-@live
 def test_transformers_encoder_model_loads_encoder_only_save(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -170,7 +164,6 @@ def test_transformers_encoder_model_loads_encoder_only_save(tmp_path):
   assert_close(theirs.numpy(), e["last_hidden_state"], what="encoder")
 
 
-@live
 def test_headless_t5model_checkpoint_loads(tmp_path):
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.T5Model.from_pretrained(fixture_dir("t5_v1_0")).save_pretrained(

@@ -18,20 +18,23 @@ Some sentiment clauses are negated ("the plot is not boring"), and reviews after
 first sentiment clause may add a clause of the other polarity, so a bag of words does
 well but not perfectly; `label_noise` flips a fraction of labels on top.
 
-Generators: `generate_reviews` (sentiment, 2 classes), `generate_paraphrase_pairs`
-(label 1 if both texts give the same opinion of the same product; the paper's Table 8)
-and `generate_nli` (a premise review and a one-clause claim: 3-way entailment /
-neutral / contradiction or 2-way entails / neutral, like MNLI and SciTail, for
-cross-task transfer). `multi_domain_splits`, `source_target_splits` and
-`cross_task_splits` return train/dev/test per domain or task. Every (task, domain,
+Generators: `generate_reviews` (sentiment, 2 classes), `generate_sentiment3`
+(negative / neutral / positive), `generate_paraphrase_pairs` (label 1 if both texts
+give the same opinion of the same product; the paper's Table 8) and `generate_nli` (a
+premise review and a one-clause claim: 3-way entailment / neutral / contradiction or
+2-way entails / neutral, like MNLI and SciTail). `multi_domain_splits`,
+`source_target_splits`, `cross_task_splits` (nli3 and nli2) and
+`sentiment_transfer_splits` (3-way sentiment to 2-way polarity in other domains, a
+cross-task pair that small encoders learn) return train/dev/test per domain or task. Every (task, domain,
 split) draws from its own seed stream, so changing one size leaves the others' data
 unchanged. Examples are `etjax.data.readers.Example`s with domain = DOMAINS index.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +43,7 @@ from etjax.data.readers import Example
 DOMAINS = ('books', 'dvd', 'electronics', 'kitchen')
 GROUPS = {'books': 'media', 'dvd': 'media', 'electronics': 'goods', 'kitchen': 'goods'}
 SENTIMENT_LABELS = ('negative', 'positive')
+SENTIMENT3_LABELS = ('negative', 'neutral', 'positive')
 PARAPHRASE_LABELS = ('different', 'paraphrase')
 NLI3_LABELS = ('entailment', 'neutral', 'contradiction')
 NLI2_LABELS = ('entails', 'neutral')
@@ -192,10 +196,26 @@ def _review(rng: np.random.Generator, domain: str, product: str, polarity: int, 
              for p in polarities]
   clauses += [_neutral_clause(rng, domain, product)
               for _ in range(int(rng.integers(0, max_neutral + 1)))]
+  return _join(rng, product, clauses)
+
+
+def _join(rng: np.random.Generator, product: str, clauses: Sequence[str]) -> str:
+  """The clauses in random order after a first clause naming the product."""
   order = rng.permutation(len(clauses))
   # Always name the product first, so pair tasks can match it.
   head = f'i bought {_this(product)} {_pick(rng, _WHEN)}'
   return ' . '.join([head] + [clauses[i] for i in order]) + ' .'
+
+
+def _neutral_review(rng: np.random.Generator, domain: str, product: str,
+                    mixed_rate: float) -> str:
+  """A review with no overall opinion: 1-3 neutral clauses, and with probability
+  `mixed_rate` one positive and one negative sentiment clause that cancel out."""
+  clauses = [_neutral_clause(rng, domain, product)
+             for _ in range(int(rng.integers(1, 4)))]
+  if rng.random() < mixed_rate:
+    clauses += [_sentiment_clause(rng, domain, product, p, 0.15) for p in (1, -1)]
+  return _join(rng, product, clauses)
 
 
 def _noisy(rng: np.random.Generator, label: int, num_classes: int, noise: float) -> int:
@@ -227,6 +247,33 @@ def generate_reviews(domain: str, n: int, *, seed: int, label_noise: float = 0.0
     text = _review(rng, domain, _pick(rng, _PRODUCTS[domain]), 1 if label else -1)
     label = _noisy(rng, label, 2, label_noise)
     out.append(Example(text, None, label, d, SENTIMENT_LABELS[label]))
+  return out
+
+
+def generate_sentiment3(domain: str, n: int, *, seed: int, label_noise: float = 0.05,
+                        mixed_rate: float = 0.3, split: str = 'train') -> list[Example]:
+  """Returns n reviews of one domain for 3-way sentiment, classes balanced in law.
+
+  Labels index SENTIMENT3_LABELS (0 negative, 1 neutral, 2 positive). Negative and
+  positive reviews are drawn as in `generate_reviews`; a neutral review gives 1-3
+  neutral clauses and, with probability `mixed_rate`, one positive and one negative
+  sentiment clause, so neutral is not merely the absence of cue words. The source task
+  of the sentiment cross-task pair (`sentiment_transfer_splits`); label_noise of the
+  labels are moved to another class.
+  """
+  d = _check_domain(domain)
+  _check_common(n, label_noise)
+  if not 0.0 <= mixed_rate <= 1.0:
+    raise ValueError(f'mixed_rate must be in [0, 1], got {mixed_rate}')
+  rng = _rng(seed, 'sentiment3', domain, split)
+  out = []
+  for _ in range(n):
+    label = int(rng.integers(3))
+    product = _pick(rng, _PRODUCTS[domain])
+    text = (_neutral_review(rng, domain, product, mixed_rate) if label == 1
+            else _review(rng, domain, product, label - 1))
+    label = _noisy(rng, label, 3, label_noise)
+    out.append(Example(text, None, label, d, SENTIMENT3_LABELS[label]))
   return out
 
 
@@ -346,6 +393,26 @@ def source_target_splits(source: str = 'books',
   return multi_domain_splits(sizes, seed=seed, task=task, label_noise=label_noise)
 
 
+def _pooled_splits(name: str, generate: Callable[..., list[Example]],
+                   sizes: Sequence[int], domains: Sequence[str], label_noise: float
+                   ) -> dict[str, list[Example]]:
+  """{'train', 'dev', 'test': examples} of one task, drawn in equal shares from its
+  domains (the last domain takes the remainder) by generate(domain, n, split=...,
+  label_noise=...); test labels are clean."""
+  if len(sizes) != 3:
+    raise ValueError(f'{name} sizes must be (train, dev, test), got {sizes}')
+  if not domains:
+    raise ValueError(f'{name}: no domains given')
+  out = {}
+  for split, k in zip(SPLITS, sizes):
+    shares = [k // len(domains)] * len(domains)
+    shares[-1] += k - sum(shares)
+    noise = label_noise if split != 'test' else 0.0
+    out[split] = [ex for domain, m in zip(domains, shares)
+                  for ex in generate(domain, m, split=split, label_noise=noise)]
+  return out
+
+
 def cross_task_splits(sizes3: Sequence[int] = (1500, 200, 500),
                       sizes2: Sequence[int] = (100, 200, 500), *, seed: int = 0,
                       domains3: Sequence[str] = DOMAINS,
@@ -357,23 +424,38 @@ def cross_task_splits(sizes3: Sequence[int] = (1500, 200, 500),
   drawn in equal shares from its domains (the last domain takes the remainder).
   Test labels are clean.
   """
-  out = {}
-  for name, num_classes, sizes, domains in (('nli3', 3, sizes3, domains3),
-                                            ('nli2', 2, sizes2, domains2)):
-    if len(sizes) != 3:
-      raise ValueError(f'{name} sizes must be (train, dev, test), got {sizes}')
-    if not domains:
-      raise ValueError(f'{name}: no domains given')
-    out[name] = {}
-    for split, k in zip(SPLITS, sizes):
-      shares = [k // len(domains)] * len(domains)
-      shares[-1] += k - sum(shares)
-      noise = label_noise if split != 'test' else 0.0
-      out[name][split] = [
-          ex for domain, m in zip(domains, shares)
-          for ex in generate_nli(domain, m, seed=seed, num_classes=num_classes,
-                                 label_noise=noise, split=split)]
-  return out
+  return {name: _pooled_splits(name, functools.partial(generate_nli, seed=seed,
+                                                       num_classes=num_classes),
+                               sizes, domains, label_noise)
+          for name, num_classes, sizes, domains in (('nli3', 3, sizes3, domains3),
+                                                    ('nli2', 2, sizes2, domains2))}
+
+
+def sentiment_transfer_splits(sizes3: Sequence[int] = (1500, 200, 500),
+                              sizes2: Sequence[int] = (100, 200, 500), *, seed: int = 0,
+                              domains3: Sequence[str] = ('books', 'dvd'),
+                              domains2: Sequence[str] = ('electronics', 'kitchen'),
+                              label_noise: float = 0.05
+                              ) -> dict[str, dict[str, list[Example]]]:
+  """A learnable cross-task pair with different label sets, shaped like MNLI -> SciTail.
+
+  The source task is 3-way sentiment (`generate_sentiment3`: negative / neutral /
+  positive) on `domains3`, the target task 2-way polarity (`generate_reviews`) on
+  `domains2`. By default the two tasks also differ in domain (media reviews to goods
+  reviews, as SciTail's science text differs from MNLI's genres): only the shared cue
+  pools carry over, and which source class relates to which target class (negative
+  and positive do, neutral to neither) has to be learnt. Small encoders learn both
+  tasks, unlike the synthetic NLI pairs of `cross_task_splits`.
+
+  Returns:
+    {'sentiment3': {...}, 'polarity': {...}}, each {'train', 'dev', 'test': examples}
+    drawn in equal shares from its domains; test labels are clean.
+  """
+  return {
+      'sentiment3': _pooled_splits('sentiment3', functools.partial(
+          generate_sentiment3, seed=seed), sizes3, domains3, label_noise),
+      'polarity': _pooled_splits('polarity', functools.partial(
+          generate_reviews, seed=seed), sizes2, domains2, label_noise)}
 
 
 def flip_labels(examples: Sequence[Example], fraction: float, *, seed: int,

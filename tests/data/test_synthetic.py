@@ -183,6 +183,49 @@ def test_cross_task_label_sets():
   assert all(e.text_b.split()[1] in e.text_a.split() for e in entail)
 
 
+def test_sentiment3_is_deterministic_balanced_and_well_formed():
+  a = syn.generate_sentiment3('books', 900, seed=1)
+  assert a == syn.generate_sentiment3('books', 900, seed=1)
+  assert a != syn.generate_sentiment3('books', 900, seed=2)
+  assert a != syn.generate_sentiment3('books', 900, seed=1, split='test')
+  counts = np.bincount(_labels(a), minlength=3)
+  assert np.all(np.abs(counts / 900 - 1 / 3) < 0.05), counts
+  assert all(syn.SENTIMENT3_LABELS[e.label] == e.label_str and e.text_b is None
+             and e.domain == 0 for e in a)
+  # Without mixing, a clean neutral review holds no cue of the domain.
+  plain = syn.generate_sentiment3('dvd', 200, seed=0, label_noise=0.0, mixed_rate=0.0)
+  neutral = [e for e in plain if e.label == 1]
+  assert neutral and all(syn.cue_polarity(w, 'dvd') == 0 for e in neutral
+                         for w in e.text_a.split())
+  with pytest.raises(ValueError, match=r'mixed_rate must be in \[0, 1\]'):
+    syn.generate_sentiment3('dvd', 2, seed=0, mixed_rate=1.5)
+
+
+def test_sentiment_transfer_pair_is_learnable_and_related():
+  data = syn.sentiment_transfer_splits((900, 6, 600), (600, 4, 600), seed=0)
+  source, target = data['sentiment3'], data['polarity']
+  assert [len(source[s]) for s in syn.SPLITS] == [900, 6, 600]
+  assert {e.label_str for e in source['train']} == set(syn.SENTIMENT3_LABELS)
+  assert {e.label_str for e in target['train']} == set(syn.SENTIMENT_LABELS)
+  assert {e.domain for e in source['test']} == {0, 1}  # books, dvd
+  assert {e.domain for e in target['test']} == {2, 3}  # electronics, kitchen
+  bow = _Bow([e.text_a for e in source['train'] + target['train']])
+  model = _fit(bow.matrix([e.text_a for e in source['train']]), _labels(source['train']),
+               3)
+  x_test = bow.matrix([e.text_a for e in source['test']])
+  # Measured: 0.70 on 3 balanced classes.
+  assert _accuracy(model, x_test, _labels(source['test'])) > 0.6
+  # The 3-way model's positive-vs-negative scores already classify the other domains'
+  # polarity (measured 0.70): the source classes relate to the target's.
+  x = bow.matrix([e.text_a for e in target['test']])
+  scores = np.concatenate([x, np.ones((len(x), 1))], axis=1) @ model
+  transfer = np.mean((scores[:, 2] > scores[:, 0]) == _labels(target['test']))
+  assert transfer > 0.62, transfer
+  # The target task alone is learnable too (measured 0.79 from 600 reviews).
+  own = _fit(bow.matrix([e.text_a for e in target['train']]), _labels(target['train']), 2)
+  assert _accuracy(own, x, _labels(target['test'])) > 0.7
+
+
 def test_flip_labels_marks_what_it_changed():
   examples = syn.generate_reviews('books', 100, seed=0)
   flipped, mask = syn.flip_labels(examples, 0.5, seed=1)

@@ -1,7 +1,8 @@
-"""All of the paper's transfer-learning tables on synthetic data, for RESULTS.md.
+"""All of the paper's transfer-learning tables (synthetic and Debian data), for RESULTS.md.
 
     python benchmarks/tl_tables.py                  # Tables 8-12, seeds 0 1 2
     python benchmarks/tl_tables.py --tables 8 11 --seeds 0
+    python benchmarks/tl_tables.py --tables 12 12debian   # Table 12 on both data
 
 Each table is an experiment of etjax.experiments, the same function that
 `etjax run --gin_file=gin/runs/<table>.gin` runs; this script only calls them in turn
@@ -11,6 +12,7 @@ with the same defaults and prints their markdown with the wall time of each.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -22,7 +24,9 @@ TABLES = {
     "10": ("Table 10 (teachers, TinyBERT)", tl_distill.run_table10),
     "10meta": ("Table 10 (meta-teacher, MetaKD)", tl_meta.run_table10),
     "11": ("Table 11 (MetaFT)", tl_meta.run_table11),
-    "12": ("Table 12 (MetaDTL)", tl_meta.run_table12),
+    "12": ("Table 12 (MetaDTL, synthetic)", tl_meta.run_table12),
+    "12debian": ("Table 12 (MetaDTL, Debian use -> network)",
+                 functools.partial(tl_meta.run_table12, data="debian")),
 }
 
 

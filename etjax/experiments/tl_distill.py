@@ -2,6 +2,7 @@
 
     python -m etjax.experiments.tl_distill                    # seeds 0 1 2, markdown table
     python -m etjax.experiments.tl_distill --seeds 0 --teacher_steps 100 --student_steps 100
+    python -m etjax.experiments.tl_distill --rows bert_mix tinybert_mix   # some rows
     python -m etjax.experiments.tl_distill --adabert        # AdaBERT's found student vs teacher
 
 Four domains (books, dvd, electronics, kitchen), each with `train_size` labelled
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Sequence
 
 import jax
 import optax
@@ -37,6 +39,7 @@ from etjax.algorithms import tinybert as tb
 from etjax.algorithms.finetune import finetune
 from etjax.algorithms.step import unbox
 from etjax.data import synthetic
+from etjax.experiments.rows import select
 import etjax.models as models
 
 MAX_LENGTH = 48
@@ -44,13 +47,16 @@ MAX_LENGTH = 48
 # compiled step serves all seeds.
 VOCAB = 1000
 DOMAINS = synthetic.DOMAINS
+ROWS = {"bert_s": "BERT-s (teacher)", "bert_mix": "BERT-mix (teacher)",
+        "tinybert_s": "TinyBERT from BERT-s", "tinybert_mix": "TinyBERT from BERT-mix"}
 
 
-def classifier(hidden: int, layers: int, classes: int = 2) -> models.SequenceClassifier:
-  """A BERT classifier over VOCAB ids, dropout 0.1."""
-  config = models.get_config("bert-tiny", vocab_size=VOCAB, hidden_size=hidden,
+def classifier(hidden: int, layers: int, classes: int = 2, vocab: int = VOCAB,
+               max_positions: int = 64) -> models.SequenceClassifier:
+  """A BERT classifier over `vocab` ids (2 heads, MLP 2 * hidden), dropout 0.1."""
+  config = models.get_config("bert-tiny", vocab_size=vocab, hidden_size=hidden,
                              num_layers=layers, num_heads=2, intermediate_size=2 * hidden,
-                             max_position_embeddings=64, hidden_dropout=0.1,
+                             max_position_embeddings=max_positions, hidden_dropout=0.1,
                              attention_dropout=0.1)
   return models.SequenceClassifier(models.module_for(config), num_labels=classes,
                                    dropout_rate=0.1)
@@ -104,12 +110,15 @@ def _rebox(boxed, plain):
 
 
 def table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
-            teacher_steps: int = 300, student_steps: int = 300) -> dict:
-  """Runs every row for every seed.
+            teacher_steps: int = 300, student_steps: int = 300,
+            rows: Sequence[str] = tuple(ROWS)) -> dict:
+  """Runs the selected rows (keys of ROWS) for every seed; a TinyBERT row trains its
+  teacher whether or not the teacher's row is selected.
 
   Returns:
     {row name: {domain: [accuracy % per seed]}}.
   """
+  rows = select("distill_table10.rows", rows, tuple(ROWS))
   results: dict = {}
   runners = {}
   for seed in seeds:
@@ -132,24 +141,28 @@ def table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
           intermediate_steps=stage1, temperature=1.0))
     teacher_runner, student_runner = runners["teacher"], runners["student"]
 
-    def record(row, domain, acc):
-      results.setdefault(row, {}).setdefault(domain, []).append(acc)
+    def record(row, domain, runner, state):
+      if row in rows:
+        results.setdefault(ROWS[row], {}).setdefault(domain, []).append(
+            runner.accuracy(state, data[domain]["test"]))
 
     def distil(teacher_state, train):
       return student_runner.train(train, student_steps, seed,
                                   teacher_params=unbox(teacher_state.params))
 
-    mix_teacher = teacher_runner.train(mixed, teacher_steps, seed)
-    mix_student = distil(mix_teacher, mixed)
+    mix_teacher = mix_student = None
+    if {"bert_mix", "tinybert_mix"} & set(rows):
+      mix_teacher = teacher_runner.train(mixed, teacher_steps, seed)
+      mix_student = distil(mix_teacher, mixed) if "tinybert_mix" in rows else None
     for domain in DOMAINS:
-      test = data[domain]["test"]
-      single = teacher_runner.train(data[domain]["train"], teacher_steps, seed)
-      record("BERT-s (teacher)", domain, teacher_runner.accuracy(single, test))
-      record("BERT-mix (teacher)", domain, teacher_runner.accuracy(mix_teacher, test))
-      student = distil(single, data[domain]["train"])
-      record("TinyBERT from BERT-s", domain, student_runner.accuracy(student, test))
-      record("TinyBERT from BERT-mix", domain,
-             student_runner.accuracy(mix_student, test))
+      if {"bert_s", "tinybert_s"} & set(rows):
+        single = teacher_runner.train(data[domain]["train"], teacher_steps, seed)
+        record("bert_s", domain, teacher_runner, single)
+      record("bert_mix", domain, teacher_runner, mix_teacher)
+      if "tinybert_s" in rows:
+        record("tinybert_s", domain, student_runner,
+               distil(single, data[domain]["train"]))
+      record("tinybert_mix", domain, student_runner, mix_student)
   for row in results.values():
     row["Average"] = list(np.mean([row[d] for d in DOMAINS], axis=0))
   return results
@@ -222,10 +235,12 @@ def markdown(results: dict, seeds) -> str:
 
 
 def run_table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
-                teacher_steps: int = 300, student_steps: int = 300) -> str:
-  """Table 10's teacher and TinyBERT rows as markdown (gin/runs/table10_tinybert.gin)."""
+                teacher_steps: int = 300, student_steps: int = 300,
+                rows: Sequence[str] = tuple(ROWS)) -> str:
+  """Table 10's teacher and TinyBERT rows as markdown (gin/runs/table10_tinybert.gin);
+  `rows` selects of ROWS."""
   return markdown(table10(tuple(seeds), train_size, test_size, teacher_steps,
-                          student_steps), seeds)
+                          student_steps, rows), seeds)
 
 
 def main(argv=None) -> int:
@@ -238,6 +253,8 @@ def main(argv=None) -> int:
   parser.add_argument("--search_steps", type=int, default=200)
   parser.add_argument("--beta", type=float, default=0.05,
                       help="AdaBERT's efficiency weight")
+  parser.add_argument("--rows", nargs="+", default=list(ROWS),
+                      help="Table 10 rows to run")
   parser.add_argument("--adabert", action="store_true",
                       help="instead of Table 10, report AdaBERT's found student")
   args = parser.parse_args(argv)
@@ -260,7 +277,7 @@ def main(argv=None) -> int:
           f"{jax.devices()[0].platform})")
     return 0
   results = table10(tuple(args.seeds), args.train_size, args.test_size,
-                    args.teacher_steps, args.student_steps)
+                    args.teacher_steps, args.student_steps, args.rows)
   print(markdown(results, args.seeds))
   print(f"\nCommand: python -m etjax.experiments.tl_distill {' '.join(argv or sys.argv[1:])}"
         f"  ({time.time() - start:.0f} s on {jax.devices()[0].platform})")

@@ -1,0 +1,36 @@
+"""Selecting rows and columns of a paper table, so one row runs as its own job.
+
+    etjax run --gin_file=gin/runs/table12_metadtl.gin --gin.meta_table12.methods="['metadtl']"
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+
+def select(what: str, chosen: Iterable[Any], known: Sequence[Any]) -> tuple:
+  """Checks a selection against the known names; returns it in the table's order.
+
+  Args:
+    what: the argument, for the error ('meta_table12.methods').
+    chosen: the selected names (any iterable; a single string is refused, since
+      'metaft' would otherwise read as six one-letter names).
+    known: every name the table has, in its order.
+
+  Returns:
+    The selected names as a tuple, ordered as in `known`, without repeats.
+
+  Raises:
+    ValueError: an empty selection, a bare string, or a name not in `known` (the
+      message lists the known ones).
+  """
+  if isinstance(chosen, (str, bytes)):
+    raise ValueError(f"{what}: give a list of names, e.g. [{chosen!r}], not the string "
+                     f"{chosen!r}; known: {list(known)}")
+  chosen = list(chosen)
+  unknown = [c for c in chosen if c not in known]
+  if unknown:
+    raise ValueError(f"{what}: unknown {unknown}; known: {list(known)}")
+  if not chosen:
+    raise ValueError(f"{what}: nothing selected; known: {list(known)}")
+  return tuple(k for k in known if k in chosen)

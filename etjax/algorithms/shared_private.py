@@ -109,7 +109,7 @@ class SharedPrivateClassifier(nn.Module):
                                for enc in self.private])
       parts.append(jnp.einsum("kbe,bk->be", private_kbe, onehot_bk))
     features_bf = jnp.concatenate(parts, -1)
-    x_bf = nn.Dropout(self.dropout_rate)(features_bf, deterministic=deterministic)
+    x_bf = layers.Dropout(self.dropout_rate)(features_bf, deterministic=deterministic)
     logits_bc = 0.0
     if not self.domain_heads or self.common_head:
       logits_bc = layers.Dense((self.num_labels,), ("embed",), ("classes",),

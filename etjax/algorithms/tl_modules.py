@@ -70,7 +70,7 @@ class BagOfEmbeddings(nn.Module):
                                       init_stddev=self.initializer_range,
                                       dtype=self.dtype, name="pool")(pair_bf))
     pooled_bd = layers.constrain(pooled_bd, ("batch", "embed"))
-    pooled_bd = nn.Dropout(self.dropout_rate)(pooled_bd, deterministic=deterministic)
+    pooled_bd = layers.Dropout(self.dropout_rate)(pooled_bd, deterministic=deterministic)
     return EncoderOutput(last_hidden_state=x_bld, pooled_output=pooled_bd)
 
 

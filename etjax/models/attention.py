@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from etjax.models.dropout import dropout
 from etjax.pallas import rsa, rsa_xla
 
 BACKENDS = ("dense", "rsa")
@@ -115,11 +116,9 @@ def _dense_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, 
     # key masked then averages uniformly instead of producing NaN.
     scores_bhqk = jnp.where(mask, scores_bhqk, jnp.finfo(jnp.float32).min)
   probs_bhqk = jax.nn.softmax(scores_bhqk, axis=-1)
-  mixed_bhqk = probs_bhqk
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_bhqk.shape)
-    mixed_bhqk = jnp.where(keep, probs_bhqk / (1.0 - dropout_rate), 0.0)
-  out_bhqd = jnp.einsum("bhqk,bhkd->bhqd", mixed_bhqk.astype(dtype), v_bhkd)
+  mixed_bhqk = dropout(probs_bhqk, dropout_rate, dropout_rng)
+  out_bhqd = jnp.einsum("bhqk,bhkd->bhqd", mixed_bhqk.astype(dtype), v_bhkd,
+                        preferred_element_type=jnp.float32).astype(dtype)
   return jnp.swapaxes(out_bhqd, 1, 2), (probs_bhqk if return_probs else None)
 
 
@@ -223,9 +222,6 @@ def _rsa_masked_dense(q_blhd, k_blhd, v_blhd, layout, key_mask_bl, bias, causal,
     scores_bhqk = scores_bhqk + bias.astype(jnp.float32)
   allowed = jnp.broadcast_to(allowed, scores_bhqk.shape)
   probs_bhqk = rsa_xla.masked_softmax(scores_bhqk, allowed)
-  mixed_bhqk = probs_bhqk
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_bhqk.shape)
-    mixed_bhqk = jnp.where(keep, probs_bhqk / (1.0 - dropout_rate), 0.0)
+  mixed_bhqk = dropout(probs_bhqk, dropout_rate, dropout_rng)
   out_blhd = jnp.einsum("bhqk,bkhd->bqhd", mixed_bhqk.astype(q_blhd.dtype), v_blhd)
   return out_blhd, (probs_bhqk if return_probs else None)

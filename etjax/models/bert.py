@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from etjax.models import layers
 from etjax.models.config import EncoderConfig, dtype_of
-from etjax.models.stack import LayerStack, layer_outputs
+from etjax.models.stack import LayerStack, layer_outputs, stack_options
 
 
 @flax.struct.dataclass
@@ -58,13 +58,13 @@ class EncoderLayer(nn.Module):
         dropout_rate=cfg.attention_dropout, name="attention", **kw)(
             x_bld, key_mask_bl=side_b["attention_mask"], deterministic=deterministic,
             return_probs=self.output_attentions)
-    attn_bld = nn.Dropout(cfg.hidden_dropout)(attn_bld, deterministic=deterministic)
+    attn_bld = layers.Dropout(cfg.hidden_dropout)(attn_bld, deterministic=deterministic)
     x_bld = layers.LayerNorm(cfg.layer_norm_eps, name="attention_norm",
                              **_dtypes(cfg))(x_bld + attn_bld)
     x_bld = layers.constrain(x_bld, ("batch", "length", "embed"))
     mlp_bld = layers.MLP(cfg.intermediate_size, activation=cfg.hidden_act,
                          name="mlp", **kw)(x_bld, deterministic=deterministic)
-    mlp_bld = nn.Dropout(cfg.hidden_dropout)(mlp_bld, deterministic=deterministic)
+    mlp_bld = layers.Dropout(cfg.hidden_dropout)(mlp_bld, deterministic=deterministic)
     x_bld = layers.LayerNorm(cfg.layer_norm_eps, name="mlp_norm", **_dtypes(cfg))(
         x_bld + mlp_bld)
     x_bld = layers.constrain(x_bld, ("batch", "length", "embed"))
@@ -86,7 +86,7 @@ class Embeddings(nn.Module):
              + embed(cfg.max_position_embeddings, None, "position")(position_ids)
              + embed(cfg.type_vocab_size, None, "token_type")(token_type_ids))
     x_ble = layers.LayerNorm(cfg.layer_norm_eps, name="norm", **_dtypes(cfg))(x_ble)
-    return nn.Dropout(cfg.hidden_dropout)(x_ble, deterministic=deterministic)
+    return layers.Dropout(cfg.hidden_dropout)(x_ble, deterministic=deterministic)
 
 
 def position_ids_for(config: EncoderConfig, input_ids: jax.Array) -> jax.Array:
@@ -133,9 +133,8 @@ class Encoder(nn.Module):
         layer_cls=EncoderLayer,
         layer_kwargs=dict(config=cfg, output_hidden_states=output_hidden_states,
                           output_attentions=output_attentions),
-        num_layers=cfg.num_layers, remat_policy=cfg.remat_policy,
-        share_params=cfg.share_layers, pipeline_stages=cfg.pipeline_stages,
-        pipeline_microbatches=cfg.pipeline_microbatches, name="encoder")(
+        num_layers=cfg.num_layers, share_params=cfg.share_layers, **stack_options(cfg),
+        name="encoder")(
             x_bld, {"attention_mask": attention_mask}, {}, deterministic)
     # A square kernel cannot map both dims to 'embed' (one mesh axis used twice).
     pooled_bd = jnp.tanh(layers.Dense((cfg.hidden_size,), ("embed",), ("mlp",),

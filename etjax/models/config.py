@@ -42,7 +42,7 @@ Check = tuple[bool, str, str]  # (holds, field name, what was expected)
 
 def runtime_checks(config: Any) -> list[Check]:
   """Checks of the fields every model config shares: precision, attention backend,
-  rematerialization and pipeline microbatches."""
+  rematerialization, layer-scan unrolling and pipeline microbatches."""
   return [
       (config.attention in BACKENDS, "attention", f"one of {BACKENDS}"),
       (config.remat_policy in REMAT_POLICIES, "remat_policy",
@@ -51,6 +51,7 @@ def runtime_checks(config: Any) -> list[Check]:
       (config.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}"),
       (config.rsa_k >= 1 and config.rsa_block_size >= 1, "rsa_k",
        "rsa_k and rsa_block_size positive"),
+      (config.scan_unroll >= 1, "scan_unroll", "positive"),
       (config.pipeline_microbatches >= 1, "pipeline_microbatches", "positive"),
   ]
 
@@ -93,6 +94,7 @@ class EncoderConfig:
   rsa_k: int = 4
   rsa_block_size: int = 64
   remat_policy: str = "none"
+  scan_unroll: int = 1
   pipeline_stages: int = 1
   pipeline_microbatches: int = 1
 

@@ -44,7 +44,7 @@ class SequenceClassifier(nn.Module):
                        output_hidden_states=output_hidden_states,
                        output_attentions=output_attentions)
     features_bd = enc.pooled_output
-    x_bd = nn.Dropout(self.dropout_rate)(features_bd, deterministic=deterministic)
+    x_bd = layers.Dropout(self.dropout_rate)(features_bd, deterministic=deterministic)
     logits_bc = layers.Dense((self.num_labels,), ("embed",), ("classes",),
                              init_stddev=self.initializer_range, name="classifier",
                              dtype=jnp.float32)(x_bd)

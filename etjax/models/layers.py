@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from etjax.models.attention import dot_product_attention
+from etjax.models.dropout import Dropout
+from etjax.models.projection import project
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -97,15 +99,15 @@ class Dense(nn.Module):
         "kernel", logical_init(normal_init(self.init_stddev),
                                tuple(self.in_axes) + tuple(self.out_axes)),
         kernel_shape, self.param_dtype)
-    x = jnp.asarray(x, self.dtype)
-    y = jax.lax.dot_general(
-        x, jnp.asarray(kernel, self.dtype),
-        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    # The product accumulates in float32 whatever the compute dtype: better numerics,
+    # and XLA:CPU runs bfloat16 x bfloat16 -> float32 on its fast path but bfloat16 ->
+    # bfloat16 at float32 speed (benchmarks/RESULTS.md).
+    y = project(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), n_in)
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros, tuple(self.out_axes)),
                         features, self.param_dtype)
-      y = y + jnp.asarray(bias, self.dtype)
-    return y
+      y = y + jnp.asarray(bias, jnp.float32)
+    return y.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -175,7 +177,7 @@ class MLP(nn.Module):
     else:
       h_blf = act(dense(self.intermediate_size, ("embed",), ("mlp",), "wi")(x_bld))
     h_blf = constrain(h_blf, ("batch", "length", "mlp"))
-    h_blf = nn.Dropout(self.dropout_rate)(h_blf, deterministic=deterministic)
+    h_blf = Dropout(self.dropout_rate)(h_blf, deterministic=deterministic)
     out_stddev = self.init_stddev if self.out_init_stddev is None else self.out_init_stddev
     return dense(d, ("mlp",), ("embed",), "wo", out_stddev)(h_blf)
 

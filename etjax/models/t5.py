@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from etjax.models import layers
 from etjax.models.bert import EncoderOutput
 from etjax.models.config import dtype_of
-from etjax.models.stack import LayerStack, layer_outputs
+from etjax.models.stack import LayerStack, layer_outputs, stack_options
 from etjax.models.t5_configs import T5Config
 
 
@@ -142,7 +142,7 @@ class T5Layer(nn.Module):
                shared: Mapping[str, jax.Array], deterministic: bool = True):
     cfg = self.config
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, name=name, **_dtypes(cfg))
-    dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    dropout = lambda y: layers.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     attn_bld, probs_bhqk = _attention(cfg, "self_attention", self.decode)(
         norm("self_attention_norm")(x_bld), key_mask_bl=side_b["attention_mask"],
         bias_bhqk=shared["position_bias"], causal=self.decoder,
@@ -200,18 +200,17 @@ class T5Stack(nn.Module):
     if self.decoder:
       side_b.update(encoder_hidden_states=encoder_hidden_states,
                     encoder_attention_mask=encoder_attention_mask)
-    x_bld = nn.Dropout(cfg.dropout_rate)(x_bld, deterministic=deterministic)
+    x_bld = layers.Dropout(cfg.dropout_rate)(x_bld, deterministic=deterministic)
     x_bld, per_layer = LayerStack(
         layer_cls=T5Layer,
         layer_kwargs=dict(config=cfg, decoder=self.decoder, decode=self.decode,
                           output_hidden_states=output_hidden_states,
                           output_attentions=output_attentions),
         num_layers=cfg.decoder_layers if self.decoder else cfg.num_layers,
-        remat_policy=cfg.remat_policy, pipeline_stages=cfg.pipeline_stages,
-        pipeline_microbatches=cfg.pipeline_microbatches, name="stack")(
+        **stack_options(cfg), name="stack")(
             x_bld, side_b, {"position_bias": bias_1hqk}, deterministic)
     x_bld = layers.RMSNorm(cfg.layer_norm_epsilon, name="final_norm", **_dtypes(cfg))(x_bld)
-    x_bld = nn.Dropout(cfg.dropout_rate)(x_bld, deterministic=deterministic)
+    x_bld = layers.Dropout(cfg.dropout_rate)(x_bld, deterministic=deterministic)
     return layers.constrain(x_bld, ("batch", "length", "embed")), per_layer
 
   def _decode_position(self, length: int):

@@ -53,6 +53,7 @@ class T5Config:
   rsa_k: int = 4
   rsa_block_size: int = 64
   remat_policy: str = "none"
+  scan_unroll: int = 1
   pipeline_stages: int = 1
   pipeline_microbatches: int = 1
   encoder_only: bool = False

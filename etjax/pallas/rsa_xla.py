@@ -14,6 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from etjax.models.dropout import dropout
 from etjax.pallas.rsa_layout import expand_layout
 
 
@@ -130,9 +131,7 @@ def xla_rsa(q, k, v, layout, *, block_size: int, mask=None, bias=None,
     k_pos = idx_whi[:, :, :, None, None] * bs + jnp.arange(bs)           # [w,H,nq,1,u]
     allowed = allowed & (q_pos >= k_pos)[:, None]
   probs = masked_softmax(scores, jnp.broadcast_to(allowed, scores.shape), axis=(0, 5))
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  probs = dropout(probs, dropout_rate, dropout_rng)
 
   @jax.checkpoint
   def mix_step(acc, xs):

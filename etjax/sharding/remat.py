@@ -17,12 +17,19 @@ import jax
 
 _CP = jax.checkpoint_policies
 
+# Dense layers compute their products inside a custom_vjp (etjax.models.projection),
+# which hides the dot_general from jax's dots policies; those products carry the
+# checkpoint name PROJECTION_NAME instead, and both 'dots' policies keep them.
+PROJECTION_NAME = "projection"
+_PROJECTIONS = _CP.save_only_these_names(PROJECTION_NAME)
+
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "none": None,
     "full": _CP.nothing_saveable,
     "save_nothing": _CP.nothing_saveable,
-    "dots": _CP.dots_saveable,
-    "dots_with_no_batch_dims": _CP.dots_with_no_batch_dims_saveable,
+    "dots": _CP.save_from_both_policies(_CP.dots_saveable, _PROJECTIONS),
+    "dots_with_no_batch_dims": _CP.save_from_both_policies(
+        _CP.dots_with_no_batch_dims_saveable, _PROJECTIONS),
     "everything": _CP.everything_saveable,
 }
 

@@ -32,6 +32,7 @@ def test_select_orders_checks_and_lists_the_known_names():
     (tl_meta.run_table11, {"methods": ["no"]}, r"meta_table11.methods: unknown"),
     (tl_meta.run_table12, {"methods": ["mdtl"]}, r"meta_table12.methods: unknown"),
     (tl_meta.run_table12, {"percents": [3]}, r"meta_table12.percents: unknown"),
+    (tl_meta.run_table12, {"encoder": "lstm"}, r"meta_table12.encoder: unknown"),
 ])
 def test_unknown_rows_fail_before_training(run, kwargs, message):
   with pytest.raises(ValueError, match=message + r".*known"):
@@ -97,3 +98,16 @@ def test_one_table12_row_runs_as_a_gin_job(capsys):
   out = capsys.readouterr().out
   assert "| Percentage | Single-task |\n" in out and "| 10% |" in out
   assert "MetaFT" not in out and "| 1% |" not in out
+
+
+def test_one_debian_table12_cell_runs_as_a_gin_job(capsys):
+  # MetaDTL (meta-learner over use and network, network head cut out, fine-tuned) on
+  # the real descriptions, one step each: the path runs and reports the test split.
+  assert main.run([
+      "run", "--gin_file=gin/runs/table12_metadtl_debian.gin",
+      "--gin.meta_table12.methods=['metadtl']", "--gin.meta_table12.percents=[1]",
+      "--gin.meta_table12.seeds=(0,)", "--gin.meta_table12.meta_steps=1",
+      "--gin.meta_table12.ft_steps=1"]) == 0
+  out = capsys.readouterr().out
+  assert "Debian network (client/server) target" in out and "majority class 58.3%" in out
+  assert "| Percentage | MetaDTL |\n" in out and "| 1% |" in out

@@ -1,12 +1,14 @@
-"""Dropout whose random bits come from Philox-4x32.
+"""Dropout whose random bits come from Threefry-4x32.
 
 Every dropout in etjax (hidden states, attention probabilities, classifier heads, RSA)
-draws its keep-mask here. The key it is given (a threefry key from `make_rng`, as flax
-hands out) is re-read as a Philox-4x32 key: XLA:CPU lowers JAX's default threefry
-through a rolled loop over whole arrays, and a bert-base dropout mask of [16, 12, 128,
-128] took 30 ms that way against 2 ms with Philox (benchmarks/RESULTS.md). On GPU and
-TPU both are cheap; the change of generator only changes which positions are dropped,
-not their distribution.
+draws its keep-mask here, from a Threefry-4x32 key derived from the key it is given (a
+threefry-2x32 key from `make_rng`, as flax hands out). Why not that key itself: XLA:CPU
+lowers JAX's default threefry-2x32 through a rolled loop over whole arrays, and a
+bert-base attention-dropout mask of [16, 12, 128, 128] took 30 ms that way against 4.8 ms
+with Threefry-4x32 (benchmarks/RESULTS.md). Philox-4x32 is faster still on one device
+(2.2 ms) but its 32-bit multiply-high does not pass XLA's SPMD partitioner on CPU, so
+sharded steps could not use it. The change of generator only changes which positions
+are dropped, not their distribution.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-MASK_IMPL = "philox4x32"
+MASK_IMPL = "threefry4x32"
 
 
 def mask_key(rng: jax.Array) -> jax.Array:
-  """The Philox-4x32 key made of the first two 32-bit words of `rng`.
+  """The Threefry-4x32 key whose four words are random bits drawn with `rng`.
 
-  rng: a raw uint32 key (jax.random.PRNGKey) or a typed key of any implementation.
+  rng: a raw uint32[2] key (jax.random.PRNGKey) or a typed key of any implementation.
   """
-  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    rng = jax.random.key_data(rng)
-  words = rng.reshape(-1)[:2].astype(jnp.uint32)
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  words = jax.random.bits(rng, (4,), jnp.uint32)
   return jax.random.wrap_key_data(words, impl=MASK_IMPL)
 
 

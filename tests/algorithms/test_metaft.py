@@ -251,15 +251,17 @@ def few_shot_data(seed: int, source_size: int = 300, target_size: int = 40):
 
 
 def test_metaft_beats_single_domain_finetuning_with_few_target_examples():
-  """Meta-learner on 300 reviews of each other domain plus the 40 of the target,
-  then 60 fine-tuning steps on the 40; against the same 60 steps from scratch.
-  Measured (seed 0, 8 fake devices as under pytest): single-domain 0.61, MetaFT 0.70;
-  etjax.experiments.tl_meta's Table 11 gives the spread over seeds."""
+  """Meta-learner on 300 reviews of each other domain plus the 40 of the target
+  (200 steps at 1e-3, Table 11's recipe), then 60 fine-tuning steps on the 40; against
+  the same 60 steps from scratch. Measured (8 fake devices as under pytest), single-
+  domain vs MetaFT: seed 0 0.61 vs 0.69, seed 1 0.59 vs 0.67, seed 2 0.57 vs 0.67. At
+  3e-3 for 150 steps the meta-learner is unstable on this CPU (0.60-0.64 on the same
+  seeds); etjax.experiments.tl_meta's Table 11 gives the spread over seeds."""
   tokenizer, meta_rows, target, test = few_shot_data(0)
   model = fx.classifier(32, 1, tokenizer.vocab_size, dropout=0.1)
-  tx = optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=150,
+  tx = optim.make_optimizer("adamw", learning_rate=1e-3, total_steps=200,
                             warmup_steps=10)
-  meta_state, _ = fx.fit(mf.metaft(model, tx, num_domains=4), meta_rows, 150)
+  meta_state, _ = fx.fit(mf.metaft(model, tx, num_domains=4), meta_rows, 200)
   ft_tx = optim.make_optimizer("adamw", learning_rate=2e-3, total_steps=60)
   single = finetune(model, ft_tx)
   state, _ = fx.fit(single, target, 60, batch_size=20)

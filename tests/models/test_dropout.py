@@ -67,3 +67,15 @@ def test_module_uses_the_dropout_rng_and_keeps_dtype():
     module.apply({}, x, deterministic=False)
   scaled = float(jnp.asarray(1 / 0.75, jnp.bfloat16))
   assert set(np.unique(np.asarray(y, np.float32)).tolist()) <= {0.0, scaled}
+
+
+def test_sharded_masks_compile_and_equal_the_unsharded_ones():
+  # Philox's multiply-high fails XLA's SPMD partitioner on CPU; the generator used here
+  # must compile with a batch sharded over 8 devices and give the same mask.
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((8,), ("data",))
+  x = jnp.arange(8 * 64, dtype=jnp.float32).reshape(8, 64) + 1.0
+  sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+  drop = jax.jit(lambda a, key: dropout_lib.dropout(a, 0.3, key))
+  key = jax.random.PRNGKey(11)
+  np.testing.assert_array_equal(drop(sharded, key), drop(x, key))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -40,6 +41,7 @@ from etjax.algorithms import finetune, instance_based as ib, make_optimizer
 from etjax.algorithms import ruder_plank as rp
 from etjax.algorithms.tl_modules import BagOfEmbeddings
 from etjax.data import build_wordpiece_tokenizer, encode_examples, synthetic
+from etjax.experiments.rows import select
 from etjax.models import SequenceClassifier
 from etjax.train import metrics as metrics_lib
 
@@ -118,7 +120,8 @@ TABLE8_ROWS = ("Tgt-Only", "Src-Only", "Fine-Tune", "FS", "SS", "SS-Adv", "DRSS"
 TARGETS8 = ("dvd", "electronics", "kitchen")
 
 
-def table8(seed: int, runner: Runner, steps: int, cache: dict) -> dict:
+def table8(seed: int, runner: Runner, steps: int, cache: dict,
+           rows: Sequence[str] = TABLE8_ROWS) -> dict:
   splits = synthetic.source_target_splits(
       "books", TARGETS8, source_sizes=(2000, 200, 500), target_sizes=(200, 200, 500),
       seed=seed, task="paraphrase")
@@ -157,29 +160,36 @@ def table8(seed: int, runner: Runner, steps: int, cache: dict) -> dict:
   single, ft_target, joint = cache[key]
   src = enc["books"]["train"]
   tests = {t: enc[t]["test"] for t in TARGETS8}
-  scores = {row: [] for row in TABLE8_ROWS}
-  src_state = runner.fit(single, _batches(src, 32, seed), steps, seed)
+  scores = {row: [] for row in rows}
+  if {"Src-Only", "Fine-Tune"} & set(rows):
+    src_state = runner.fit(single, _batches(src, 32, seed), steps, seed)
   for t in TARGETS8:
     tgt = enc[t]["train"]
-    tgt_state = runner.fit(single, _batches(tgt, 32, seed), steps, seed)
-    scores["Tgt-Only"].append(pair_scores(runner.logits(single, tgt_state, tests[t]),
-                                          tests[t]["labels"]))
-    scores["Src-Only"].append(pair_scores(runner.logits(single, src_state, tests[t]),
-                                          tests[t]["labels"]))
-    # Fine-Tune: the source model's parameters, a fresh optimizer on the target.
-    # (A fresh AdamW state is all zeros, whatever the parameters.)
-    ft_state = ft_target.init(jax.random.PRNGKey(seed), tgt).replace(
-        params=src_state.params)
-    ft_state = runner.fit(ft_target, _batches(tgt, 32, seed), steps // 2, seed,
-                          state=ft_state)
-    scores["Fine-Tune"].append(pair_scores(runner.logits(ft_target, ft_state, tests[t]),
-                                           tests[t]["labels"]))
+    if "Tgt-Only" in rows:
+      tgt_state = runner.fit(single, _batches(tgt, 32, seed), steps, seed)
+      scores["Tgt-Only"].append(pair_scores(runner.logits(single, tgt_state, tests[t]),
+                                            tests[t]["labels"]))
+    if "Src-Only" in rows:
+      scores["Src-Only"].append(pair_scores(runner.logits(single, src_state, tests[t]),
+                                            tests[t]["labels"]))
+    if "Fine-Tune" in rows:
+      # Fine-Tune: the source model's parameters, a fresh optimizer on the target.
+      # (A fresh AdamW state is all zeros, whatever the parameters.)
+      ft_state = ft_target.init(jax.random.PRNGKey(seed), tgt).replace(
+          params=src_state.params)
+      ft_state = runner.fit(ft_target, _batches(tgt, 32, seed), steps // 2, seed,
+                            state=ft_state)
+      scores["Fine-Tune"].append(pair_scores(runner.logits(ft_target, ft_state,
+                                                           tests[t]),
+                                             tests[t]["labels"]))
   mixed = _cat([src] + [enc[t]["train"] for t in TARGETS8])
   # Targets are small: oversample them so each batch holds every domain.
   target_rows = np.flatnonzero(mixed["domain"] > 0)
   mixed = {k: np.concatenate([v, np.repeat(v[target_rows], 2, axis=0)])
            for k, v in mixed.items()}
   for row, step in joint.items():
+    if row not in rows:
+      continue
     state = runner.fit(step, _batches(mixed, 32, seed), steps, seed)
     for t in TARGETS8:
       scores[row].append(pair_scores(runner.logits(step, state, tests[t]),
@@ -198,7 +208,8 @@ SOURCES9 = ("books", "dvd", "electronics")
 TARGET9 = "kitchen"
 
 
-def table9(seed: int, runner: Runner, steps: int, cache: dict, trials: int) -> dict:
+def table9(seed: int, runner: Runner, steps: int, cache: dict, trials: int,
+           rows: Sequence[str] = TABLE9_ROWS) -> dict:
   sizes = {d: (700, 10, 10) for d in SOURCES9} | {TARGET9: (100, 200, 500)}
   splits = synthetic.multi_domain_splits(sizes, seed=seed, task="sentiment")
   enc, vocab = _encode_splits(splits, MAX_LENGTH)
@@ -236,14 +247,19 @@ def table9(seed: int, runner: Runner, steps: int, cache: dict, trials: int) -> d
   out = {}
   for row, data in (("Src-only", source), ("Tgt-only", tgt),
                     ("TL", _cat([source, tgt]))):
-    out[row] = score(plain, runner.fit(plain, _batches(data, 32, seed), steps, seed))
-  search = rp.ruder_plank(source, tgt, dev, step=plain, vocab_size=vocab,
-                          num_selected=700, num_trials=trials, train_steps=steps // 2,
-                          batch_size=32, seed=seed, metric="accuracy")
-  chosen = _cat([{k: v[search.selected] for k, v in source.items()}, tgt])
-  out["Ruder & Plank"] = score(plain, runner.fit(plain, _batches(chosen, 32, seed), steps,
-                                                 seed))
+    if row in rows:
+      out[row] = score(plain, runner.fit(plain, _batches(data, 32, seed), steps, seed))
+  if "Ruder & Plank" in rows:
+    search = rp.ruder_plank(source, tgt, dev, step=plain, vocab_size=vocab,
+                            num_selected=700, num_trials=trials,
+                            train_steps=steps // 2, batch_size=32, seed=seed,
+                            metric="accuracy")
+    chosen = _cat([{k: v[search.selected] for k, v in source.items()}, tgt])
+    out["Ruder & Plank"] = score(plain, runner.fit(plain, _batches(chosen, 32, seed),
+                                                   steps, seed))
   for row in ("RTL", "MGTL"):
+    if row not in rows:
+      continue
     step = steps_[row]
     batches = ib.instance_batches(source, tgt, dev, source_batch_size=32,
                                   target_batch_size=32, dev_batch_size=100, seed=seed)
@@ -266,22 +282,28 @@ def _markdown(title, columns, rows, results):
   return "\n".join(lines)
 
 
-def run_table8(seeds=(0, 1, 2), steps: int = 1500) -> str:
-  """Table 8 as markdown (gin/runs/table8_feature_tl.gin binds these arguments)."""
+def run_table8(seeds=(0, 1, 2), steps: int = 1500,
+               rows: Sequence[str] = TABLE8_ROWS) -> str:
+  """Table 8 as markdown (gin/runs/table8_feature_tl.gin binds these arguments);
+  `rows` selects of TABLE8_ROWS."""
+  rows = select("feature_table8.rows", rows, TABLE8_ROWS)
   runner, cache = Runner(), {}
-  results = [table8(s, runner, steps, cache) for s in seeds]
+  results = [table8(s, runner, steps, cache, rows) for s in seeds]
   return _markdown("Table 8: feature-based TL, synthetic paraphrase pairs (source books; "
                    "targets dvd, electronics, kitchen, averaged)",
-                   ("Prec", "Rec", "F1", "ACC", "AUC"), TABLE8_ROWS, results)
+                   ("Prec", "Rec", "F1", "ACC", "AUC"), rows, results)
 
 
-def run_table9(seeds=(0, 1, 2), steps: int = 800, trials: int = 8) -> str:
-  """Table 9 as markdown (gin/runs/table9_instance_tl.gin binds these arguments)."""
+def run_table9(seeds=(0, 1, 2), steps: int = 800, trials: int = 8,
+               rows: Sequence[str] = TABLE9_ROWS) -> str:
+  """Table 9 as markdown (gin/runs/table9_instance_tl.gin binds these arguments);
+  `rows` selects of TABLE9_ROWS."""
+  rows = select("instance_table9.rows", rows, TABLE9_ROWS)
   runner, cache = Runner(), {}
-  results = [table9(s, runner, steps, cache, trials) for s in seeds]
+  results = [table9(s, runner, steps, cache, trials, rows) for s in seeds]
   return _markdown("Table 9: instance-based TL, synthetic sentiment (source pool "
                    "books+dvd+electronics with 20% flipped labels; target kitchen)",
-                   ("ACC", "AUC"), TABLE9_ROWS, results)
+                   ("ACC", "AUC"), rows, results)
 
 
 def main(argv=None) -> int:
@@ -291,6 +313,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps8", type=int, default=1500)
   parser.add_argument("--steps9", type=int, default=800)
   parser.add_argument("--trials", type=int, default=8)
+  parser.add_argument("--rows8", nargs="+", default=list(TABLE8_ROWS))
+  parser.add_argument("--rows9", nargs="+", default=list(TABLE9_ROWS))
   args = parser.parse_args(argv)
   command = "python -m etjax.experiments.tl_feature_instance " + " ".join(
       sys.argv[1:] if argv is None else argv)
@@ -298,9 +322,9 @@ def main(argv=None) -> int:
   print(f"Command: `{command.strip()}`; device: {jax.devices()[0].platform}, "
         f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± std.\n")
   if args.table in ("8", "both"):
-    print(run_table8(args.seeds, args.steps8) + "\n")
+    print(run_table8(args.seeds, args.steps8, args.rows8) + "\n")
   if args.table in ("9", "both"):
-    print(run_table9(args.seeds, args.steps9, args.trials))
+    print(run_table9(args.seeds, args.steps9, args.trials, args.rows9))
   print(f"\n(wall time {time.time() - start:.0f} s)")
   return 0
 

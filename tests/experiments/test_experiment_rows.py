@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from etjax import main
-from etjax.experiments import cross_task, rows, tl_distill, tl_meta
+from etjax.experiments import (cross_task, rows, tl_distill, tl_feature_instance,
+                               tl_meta)
 
 
 def test_select_orders_checks_and_lists_the_known_names():
@@ -25,6 +26,9 @@ def test_select_orders_checks_and_lists_the_known_names():
 
 
 @pytest.mark.parametrize("run, kwargs, message", [
+    (tl_feature_instance.run_table8, {"rows": ["SA"]}, r"feature_table8.rows: unknown"),
+    (tl_feature_instance.run_table9, {"rows": ["L2TL"]},
+     r"instance_table9.rows: unknown"),
     (tl_distill.run_table10, {"rows": ["tinybert"]}, r"distill_table10.rows: unknown"),
     (tl_meta.run_table10, {"rows": ["student"]}, r"meta_table10.rows: unknown"),
     (tl_meta.run_table11, {"domains": ["toys"]}, r"meta_table11.domains: unknown"),

@@ -108,14 +108,17 @@ def multi_domain_data(seed: int = 0):
 def test_metakd_student_beats_student_without_distillation():
   """Meta-teacher (width 64, 2 layers) on 4 x 300 reviews; a width-32, 1-layer student
   fine-tuned on 4 x 10 labelled reviews vs meta-distilled over the 1,200. Measured at
-  seed 0 (1 and 8 CPU devices): teacher 0.77, plain student 0.545, MetaKD student
-  0.745-0.748. At learning rate 3e-3 the meta-teacher's accuracy varied from 0.50 to
-  0.73 between runs (float reduction order on a busy CPU), hence 1e-3."""
+  seed 0 (8 CPU devices): teacher 0.7525, plain student 0.535, MetaKD student 0.765.
+  The teacher's typicality temperature is Table 10's 2.0 (chosen there on held-out
+  seeds): at metaft's default 0.5 the teacher measured 0.71-0.74 from run to run, around
+  the 0.72 this test asks of it. At learning rate 3e-3 the meta-teacher's accuracy
+  varied from 0.50 to 0.73 between runs (float reduction order on a busy CPU), hence
+  1e-3."""
   tokenizer, data = multi_domain_data()
   teacher = fx.classifier(64, 2, tokenizer.vocab_size, dropout=0.1)
   tx = optim.make_optimizer("adamw", learning_rate=1e-3, total_steps=300,
                             warmup_steps=20)
-  teacher_step = mk.meta_teacher(teacher, tx, num_domains=4)
+  teacher_step = mk.meta_teacher(teacher, tx, num_domains=4, temperature=2.0)
   teacher_state, _ = fx.fit(teacher_step, data["train"], 300)
   teacher_acc = fx.accuracy(teacher_step, teacher_state, data["test"])
   teacher_params = jax.device_get(unbox(teacher_state.params["model"]))

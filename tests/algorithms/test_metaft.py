@@ -250,14 +250,9 @@ def few_shot_data(seed: int, source_size: int = 300, target_size: int = 40):
           enc(splits[TARGET]["test"]))
 
 
-def test_metaft_beats_single_domain_finetuning_with_few_target_examples():
-  """Meta-learner on 300 reviews of each other domain plus the 40 of the target
-  (200 steps at 1e-3, Table 11's recipe), then 60 fine-tuning steps on the 40; against
-  the same 60 steps from scratch. Measured (8 fake devices as under pytest), single-
-  domain vs MetaFT: seed 0 0.61 vs 0.69, seed 1 0.59 vs 0.67, seed 2 0.57 vs 0.67. At
-  3e-3 for 150 steps the meta-learner is unstable on this CPU (0.60-0.64 on the same
-  seeds); etjax.experiments.tl_meta's Table 11 gives the spread over seeds."""
-  tokenizer, meta_rows, target, test = few_shot_data(0)
+def _single_and_metaft_accuracy(seed: int) -> tuple[float, float]:
+  """(single-domain, MetaFT) test accuracy on one seed's few-shot data."""
+  tokenizer, meta_rows, target, test = few_shot_data(seed)
   model = fx.classifier(32, 1, tokenizer.vocab_size, dropout=0.1)
   tx = optim.make_optimizer("adamw", learning_rate=1e-3, total_steps=200,
                             warmup_steps=10)
@@ -268,5 +263,18 @@ def test_metaft_beats_single_domain_finetuning_with_few_target_examples():
   single_acc = fx.accuracy(single, state, test)
   from_meta = mf.start_from(single, meta_state.params["model"], ft_tx)
   state, _ = fx.fit(from_meta, target, 60, batch_size=20)
-  meta_acc = fx.accuracy(from_meta, state, test)
-  assert meta_acc > single_acc + 0.06, (meta_acc, single_acc)
+  return single_acc, fx.accuracy(from_meta, state, test)
+
+
+def test_metaft_beats_single_domain_finetuning_with_few_target_examples():
+  """Meta-learner on 300 reviews of each other domain plus the 40 of the target
+  (200 steps at 1e-3, Table 11's recipe), then 60 fine-tuning steps on the 40; against
+  the same 60 steps from scratch, on seeds 0, 1, 2. Measured (8 fake devices as under
+  pytest), single-domain vs MetaFT: seed 0 0.61 vs 0.68-0.69, seed 1 0.59 vs 0.67, seed 2
+  0.57 vs 0.67. One seed alone is too noisy for the margin (runs on this CPU are not
+  bit-repeatable: seed 0's margin measured 0.058-0.085), so the margin is asked of the
+  mean over three seeds and a win of every seed."""
+  results = [_single_and_metaft_accuracy(seed) for seed in (0, 1, 2)]
+  singles, metas = (np.array(values) for values in zip(*results))
+  assert (metas > singles).all(), results
+  assert metas.mean() > singles.mean() + 0.06, results

@@ -14,9 +14,9 @@ num_layers named 'layers', and compile time does not grow with depth. `scan_unro
 layers run per loop iteration; unrolling all of them (scan_unroll >= num_layers) keeps
 the same parameters and results but lets XLA drop the loop's stacked residual buffers:
 bert-base trains about 1.6x faster that way on the CPU in bfloat16, for a compile time
-that grows with depth (benchmarks/RESULTS.md). With
-`share_params` (ALBERT) one set of parameters is applied num_layers times. With
-`pipeline_stages > 1` the same parameters run through etjax.sharding.pipeline.
+that grows with depth (benchmarks/RESULTS.md). With `share_params` (ALBERT) one set of
+parameters is applied num_layers times. With `pipeline_stages > 1` the same parameters
+run through etjax.sharding.pipeline, which does not unroll (scan_unroll is ignored).
 """
 
 from __future__ import annotations

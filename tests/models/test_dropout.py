@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +64,7 @@ def test_module_uses_the_dropout_rng_and_keeps_dtype():
   assert y.dtype == jnp.bfloat16
   z = module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(4)})
   assert not np.array_equal(np.asarray(y), np.asarray(z))
-  with pytest.raises(Exception):                       # no 'dropout' rng given
+  with pytest.raises(flax.errors.InvalidRngError):     # no 'dropout' rng given
     module.apply({}, x, deterministic=False)
   scaled = float(jnp.asarray(1 / 0.75, jnp.bfloat16))
   assert set(np.unique(np.asarray(y, np.float32)).tolist()) <= {0.0, scaled}

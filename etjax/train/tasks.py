@@ -143,6 +143,43 @@ def load_job_assets(workdir: str) -> tuple[tokenizers.Tokenizer, list[str]]:
   return tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer")), labels
 
 
+MODEL_SPEC = "model.json"
+
+
+def save_model_spec(workdir: str, module: Any, *, max_length: int, name: str) -> str:
+  """Writes model.json beside the checkpoints: what rebuilds the classifier without gin
+  (the encoder's config, the number of labels, the trained length and a model name).
+  Returns its path."""
+  config = module.encoder.config
+  spec = {"name": name, "config_type": type(config).__name__,
+          "config": dataclasses.asdict(config), "num_labels": int(module.num_labels),
+          "dropout": float(module.dropout_rate), "max_length": int(max_length)}
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, MODEL_SPEC)
+  with open(path + ".tmp", "w") as f:
+    json.dump(spec, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def load_model_spec(workdir: str) -> tuple[Any, dict]:
+  """(SequenceClassifier, spec dict) rebuilt from the workdir's model.json."""
+  path = os.path.join(workdir, MODEL_SPEC)
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir} has no {MODEL_SPEC}: was a classifier trained there "
+                     "(etjax train writes it)?")
+  with open(path) as f:
+    spec = json.load(f)
+  config_cls = getattr(models, spec["config_type"], None)
+  if not isinstance(config_cls, type) or not dataclasses.is_dataclass(config_cls):
+    raise ValueError(f"{path}: config_type {spec['config_type']!r} is not a model "
+                     "config class of etjax.models")
+  config = models.config_from_dict(config_cls, spec["config"], where=path)
+  return models.SequenceClassifier(models.module_for(config),
+                                   num_labels=spec["num_labels"],
+                                   dropout_rate=spec["dropout"]), spec
+
+
 def read_prediction_inputs(path: str) -> list:
   """Texts to classify: a TSV with text_a (and optionally text_b) per line, no header."""
   examples = []

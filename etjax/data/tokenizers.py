@@ -9,13 +9,14 @@ with the ids Hugging Face's BertTokenizerFast gives (truncation 'longest_first')
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import tokenizers as hf_tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 # Special-token spellings tried in order when no special_tokens_map.json names them.
 _SPECIAL_CANDIDATES = {
@@ -257,13 +258,101 @@ def load_tokenizer(path: str) -> Tokenizer:
   return _from_vocab_txt(path, directory)
 
 
+def learn_wordpiece_vocab(words: Mapping[str, int], vocab_size: int, *,
+                          min_frequency: int = 1,
+                          specials: Sequence[str] = _BERT_SPECIALS) -> list[str]:
+  """Learns a WordPiece vocabulary by frequency-ranked pair merges, deterministically.
+
+  The algorithm of Hugging Face's WordPieceTrainer (BPE merges over characters, a
+  word-internal piece written '##piece'), with every tie broken by the pieces' text
+  instead of hash-map order, so the same words give the same vocabulary, in the same
+  order, in every process.
+
+  Args:
+    words: {pre-tokenized word: count}.
+    vocab_size: the most tokens to return (specials included).
+    min_frequency: a pair seen fewer times is not merged.
+    specials: tokens placed first (ids 0..len-1).
+
+  Returns:
+    The tokens in id order: specials, characters (each also as '##c') by descending
+    count (ties by text), then merged pieces in merge order.
+  """
+  counts = sorted(words.items())  # a fixed word order: everything below follows it
+  symbols = [[w[0]] + ["##" + c for c in w[1:]] for w, _ in counts]
+  char_count: dict[str, int] = {}
+  for syms, (_, n) in zip(symbols, counts):
+    # Every character also as a word start (as Hugging Face's alphabet has it), so a
+    # new word starting with a character seen only inside words is not [UNK].
+    for c in syms + [c[2:] for c in syms[1:]]:
+      char_count[c] = char_count.get(c, 0) + n
+  vocab = list(specials)
+  vocab += sorted(char_count, key=lambda c: (-char_count[c], c))
+  vocab = vocab[:vocab_size]
+  known = set(vocab)
+  pairs: dict[tuple[str, str], int] = {}
+  where: dict[tuple[str, str], set] = {}
+
+  def count_pairs(i: int, sign: int, changed: set) -> None:
+    syms, n = symbols[i], counts[i][1]
+    for pair in zip(syms, syms[1:]):
+      pairs[pair] = pairs.get(pair, 0) + sign * n
+      changed.add(pair)
+      if sign > 0:
+        where.setdefault(pair, set()).add(i)
+
+  changed: set = set()
+  for i in range(len(symbols)):
+    count_pairs(i, +1, changed)
+  # A max-heap by (count, then text: ties go to the smaller pair), with lazy deletion:
+  # an entry whose count no longer matches is dropped when popped, and every pair
+  # whose count a merge changed is pushed again with its new count.
+  heap = [(-pairs[p], p) for p in changed]
+  heapq.heapify(heap)
+  while len(vocab) < vocab_size and heap:
+    negative, pair = heapq.heappop(heap)
+    if pairs.get(pair, 0) != -negative:
+      continue
+    if -negative < min_frequency:
+      break
+    a, b = pair
+    merged = a + b[2:]
+    if merged not in known:
+      vocab.append(merged)
+      known.add(merged)
+    changed = set()
+    for i in sorted(where.pop(pair)):
+      syms, out, j = symbols[i], [], 0
+      if pair not in zip(syms, syms[1:]):
+        continue
+      count_pairs(i, -1, changed)
+      while j < len(syms):
+        if j + 1 < len(syms) and syms[j] == a and syms[j + 1] == b:
+          out.append(merged)
+          j += 2
+        else:
+          out.append(syms[j])
+          j += 1
+      symbols[i] = out
+      count_pairs(i, +1, changed)
+    pairs.pop(pair, None)
+    for p in changed - {pair}:
+      if pairs[p] > 0:
+        heapq.heappush(heap, (-pairs[p], p))
+      else:
+        del pairs[p]
+  return vocab
+
+
 def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, *,
                               lowercase: bool = True, min_frequency: int = 1
                               ) -> Tokenizer:
-  """Trains a BERT-style WordPiece tokenizer on `texts`.
+  """Trains a BERT-style WordPiece tokenizer on `texts`, deterministically.
 
-  Ids 0..4 are [PAD], [UNK], [CLS], [SEP], [MASK]; the rest are learnt. On a small
-  closed vocabulary (the synthetic domains) every word becomes one token.
+  Ids 0..4 are [PAD], [UNK], [CLS], [SEP], [MASK]; the rest are learnt by
+  `learn_wordpiece_vocab` from the words BERT's normalizer and pre-tokenizer make of
+  `texts`. The same texts give the same tokenizer (same ids) in every process. On a
+  small closed vocabulary (the synthetic domains) every word becomes one token.
 
   Returns:
     A `Tokenizer` with at most `vocab_size` ids.
@@ -271,14 +360,16 @@ def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, *,
   if vocab_size <= len(_BERT_SPECIALS):
     raise ValueError(f'vocab_size must exceed the {len(_BERT_SPECIALS)} special '
                      f'tokens, got {vocab_size}')
-  backend = hf_tokenizers.Tokenizer(models.WordPiece(unk_token='[UNK]'))
-  backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-  backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  trainer = trainers.WordPieceTrainer(
-      vocab_size=vocab_size, min_frequency=min_frequency,
-      special_tokens=list(_BERT_SPECIALS), continuing_subword_prefix='##',
-      show_progress=False)
-  backend.train_from_iterator(texts, trainer=trainer)
+  normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  words: dict[str, int] = {}
+  for text in texts:
+    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+      words[word] = words.get(word, 0) + 1
+  vocab = learn_wordpiece_vocab(words, vocab_size, min_frequency=min_frequency)
+  backend = hf_tokenizers.Tokenizer(models.WordPiece(
+      {token: i for i, token in enumerate(vocab)}, unk_token='[UNK]',
+      continuing_subword_prefix='##', max_input_chars_per_word=100))
   _bert_pipeline(backend, lowercase=lowercase, strip_accents=None, chinese_chars=True,
                  cls='[CLS]', sep='[SEP]')
   specials = dict(zip(('pad_token', 'unk_token', 'cls_token', 'sep_token',

@@ -49,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.error(f"no plan for {args.only}; known: {[s.model for s in SPECS]}")
   fake_devices.ensure_fake_devices(max(s.num_devices for s in specs))
   # pylint: disable=g-import-not-at-top
-  from etjax.sharding.pipeline import bubble_fraction
+  from etjax.models.pipeline import bubble_fraction
   from etjax.sharding.plan import human_bytes
   from etjax.train.planning import plan_model
   if not args.json:

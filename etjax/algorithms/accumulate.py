@@ -2,7 +2,7 @@
 
 Memory for activations scales with the microbatch, not the batch. `accumulate_gradients`
 wraps a gradient function so that it splits the batch (strided, see
-etjax.sharding.microbatch), runs `lax.scan` over the microbatches summing gradients and
+etjax.models.microbatch), runs `lax.scan` over the microbatches summing gradients and
 scalar values in float32, and returns their means; per-example outputs (value leaves
 with a leading microbatch dimension, e.g. logits) are put back together in the batch's
 own order. For a loss that is a mean over examples this equals the full-batch gradient;
@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from etjax.sharding.microbatch import (check_divisible, merge_microbatches,
+from etjax.models.microbatch import (check_divisible, merge_microbatches,
                                        split_microbatches)
 
 GradFn = Callable[..., tuple[Any, Any]]

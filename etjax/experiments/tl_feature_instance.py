@@ -39,7 +39,7 @@ import optax
 from etjax.algorithms import feature_based as fb
 from etjax.algorithms import finetune, instance_based as ib, make_optimizer
 from etjax.algorithms import ruder_plank as rp
-from etjax.algorithms.tl_modules import BagOfEmbeddings
+from etjax.models.bag import BagOfEmbeddings
 from etjax.data import build_wordpiece_tokenizer, encode_examples, synthetic
 from etjax.experiments.rows import select
 from etjax.models import SequenceClassifier

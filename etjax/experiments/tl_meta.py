@@ -69,7 +69,7 @@ from etjax.algorithms import metakd as mk
 from etjax.algorithms import optim
 from etjax.algorithms.finetune import finetune, with_pretrained
 from etjax.algorithms.step import unbox
-from etjax.algorithms.tl_modules import BagOfEmbeddings
+from etjax.models.bag import BagOfEmbeddings
 from etjax.experiments import cross_task
 from etjax.experiments.rows import select
 # Same data sizes, models, vocabulary and length as the distillation rows of Table 10.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from etjax.models.attention import BACKENDS
 from etjax.models.layers import ACTIVATIONS
-from etjax.sharding.remat import REMAT_POLICIES
+from etjax.models.remat import REMAT_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

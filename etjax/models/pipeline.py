@@ -1,5 +1,10 @@
 """Pipeline parallelism over the 'stage' mesh axis (GPipe and circular schedules).
 
+A schedule of the model's own layer stack, so it lives with the models: like them it
+names logical axes only ('stage', 'batch'); the job's rules table maps 'stage' to a
+mesh axis (etjax.sharding.rules), and without such a mapping it computes the same
+function with every device running every stage.
+
 The plain layer stack (etjax.models.stack) scans one layer class over num_layers with
 parameters stacked on a leading 'layers' axis:
 
@@ -52,8 +57,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from etjax.sharding import microbatch
-from etjax.sharding.remat import remat_function, remat_module
+from etjax.models import microbatch
+from etjax.models.remat import remat_function, remat_module
 
 _FREE = PartitionSpec.UNCONSTRAINED
 
@@ -104,7 +109,7 @@ class Pipeline(nn.Module):
     num_stages: S, the size of the 'stage' mesh axis the stages run on.
     num_microbatches: M; the batch must divide into M microbatches, and each
       microbatch by the mesh axes that 'batch' maps to.
-    remat_policy: rematerialization per layer (etjax.sharding.remat names).
+    remat_policy: rematerialization per layer (etjax.models.remat names).
     num_repeats: R; 1 is GPipe, R > 1 the circular schedule (needs M >= S).
   """
   layer_cls: Any

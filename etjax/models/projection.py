@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from etjax.sharding.remat import PROJECTION_NAME
+from etjax.models.remat import PROJECTION_NAME
 
 
 def _contract(n_in: int, x_ndim: int):

@@ -16,7 +16,7 @@ the same parameters and results but lets XLA drop the loop's stacked residual bu
 bert-base trains about 1.6x faster that way on the CPU in bfloat16, for a compile time
 that grows with depth (benchmarks/RESULTS.md). With `share_params` (ALBERT) one set of
 parameters is applied num_layers times. With `pipeline_stages > 1` the same parameters
-run through etjax.sharding.pipeline, which does not unroll (scan_unroll is ignored).
+run through etjax.models.pipeline, which does not unroll (scan_unroll is ignored).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 
-from etjax.sharding.remat import remat_module
+from etjax.models.pipeline import Pipeline
+from etjax.models.remat import remat_module
+
 
 def layer_outputs(x_bld: jax.Array, probs_bhqk: Optional[jax.Array],
                   hidden_states: bool, attentions: bool) -> dict:
@@ -70,7 +72,6 @@ class LayerStack(nn.Module):
       if self.share_params:
         raise ValueError("pipeline parallelism needs one parameter set per layer; "
                          "it cannot split a shared-parameter (ALBERT) stack into stages")
-      from etjax.sharding.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
       x_bld, _ = Pipeline(layer_cls=self.layer_cls, layer_kwargs=dict(self.layer_kwargs),
                           num_layers=self.num_layers, num_stages=self.pipeline_stages,
                           num_microbatches=self.pipeline_microbatches,

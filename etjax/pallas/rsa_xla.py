@@ -14,7 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from etjax.models.dropout import dropout
+from etjax.pallas.dropout import dropout
 from etjax.pallas.rsa_layout import expand_layout
 
 

@@ -32,9 +32,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from etjax.algorithms.step import TrainState, TrainStep
+from etjax.models.pipeline import bubble_fraction
 from etjax.sharding import mesh as mesh_lib
 from etjax.sharding import partitioning, rules as rules_lib
-from etjax.sharding.pipeline import bubble_fraction
 from etjax.train import checkpoints as ckpt_lib
 from etjax.train import logging as log_lib
 from etjax.train import metrics as metrics_lib

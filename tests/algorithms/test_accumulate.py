@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from etjax.algorithms.accumulate import accumulate_gradients
-from etjax.sharding.microbatch import merge_microbatches, split_microbatches
+from etjax.models.microbatch import merge_microbatches, split_microbatches
 
 
 class _Mlp(nn.Module):

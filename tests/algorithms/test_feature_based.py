@@ -14,7 +14,7 @@ import pytest
 from etjax.algorithms import feature_based as fb
 from etjax.algorithms import make_optimizer, unbox
 from etjax.algorithms.shared_private import shared_head_weights
-from etjax.algorithms.tl_modules import BagOfEmbeddings
+from etjax.models.bag import BagOfEmbeddings
 from etjax.sharding import mesh as mesh_lib
 from etjax.sharding import partitioning, rules as rules_lib
 

@@ -11,7 +11,7 @@ import pytest
 from etjax.algorithms import classifier_loss, finetune, unbox
 from etjax.algorithms import instance_based as ib
 from etjax.algorithms import ruder_plank as rp
-from etjax.algorithms.tl_modules import BagOfEmbeddings
+from etjax.models.bag import BagOfEmbeddings
 from etjax.models import SequenceClassifier
 
 VOCAB, LENGTH = 40, 8

@@ -16,7 +16,7 @@ import pytest
 from etjax.algorithms import feature_based as fb
 from etjax.algorithms import instance_based as ib
 from etjax.algorithms import ruder_plank as rp
-from etjax.algorithms.tl_modules import BagOfEmbeddings
+from etjax.models.bag import BagOfEmbeddings
 from etjax.models import SequenceClassifier
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

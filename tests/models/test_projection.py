@@ -12,7 +12,7 @@ from jax._src.ad_checkpoint import saved_residuals
 
 import etjax.models as models
 from etjax.models.projection import project
-from etjax.sharding.remat import remat_policy
+from etjax.models.remat import remat_policy
 
 
 def _operands(x_shape, k_shape, dtype, seed=0):

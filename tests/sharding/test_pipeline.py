@@ -12,7 +12,7 @@ import pytest
 
 from etjax.sharding import mesh as mesh_lib
 from etjax.sharding import partitioning, rules as rules_lib
-from etjax.sharding.pipeline import Pipeline, bubble_fraction
+from etjax.models.pipeline import Pipeline, bubble_fraction
 from sharding_testlib import ResidualMlpLayer
 
 B, L, D = 24, 3, 8

@@ -8,7 +8,7 @@ from jax._src.ad_checkpoint import saved_residuals  # no public alias in jax 0.1
 import numpy as np
 import pytest
 
-from etjax.sharding import remat
+from etjax.models import remat
 
 
 def test_unknown_name_lists_known_ones():

@@ -47,8 +47,13 @@ def data(source: str = "synthetic", *, train_path: Optional[str] = None,
          on_error: str = "raise", synthetic_task: str = "sentiment",
          domains: Sequence[str] = synthetic.DOMAINS, train_size: int = 200,
          eval_size: int = 200, label_noise: float = 0.05, seed: int = 0,
-         debian_dir: Optional[str] = None, debian_task: str = "use"):
-  """The job's labelled data: 'synthetic', 'files' (CSV/TSV/JSONL) or 'debian'."""
+         debian_dir: Optional[str] = None, debian_task: str = "use",
+         task_or_mixture: Optional[str] = None, seqio_modules: Sequence[str] = (),
+         train_split: str = "train", eval_split: str = "test",
+         num_train_examples: Optional[int] = None):
+  """The job's labelled data: 'synthetic', 'files' (CSV/TSV/JSONL), 'debian' or 'seqio'
+  (a Task or Mixture named by task_or_mixture, registered by importing seqio_modules,
+  or one of the Debian tasks when debian_dir is given)."""
   from etjax.data import readers  # pylint: disable=g-import-not-at-top
   from etjax.train import tasks  # pylint: disable=g-import-not-at-top
   if source == "synthetic":
@@ -66,7 +71,15 @@ def data(source: str = "synthetic", *, train_path: Optional[str] = None,
     if not debian_dir:
       raise ValueError("data.source = 'debian' needs data.debian_dir")
     return tasks.debian_splits(debian_dir, debian_task)
-  raise ValueError(f"data.source = {source!r}: expected 'synthetic', 'files' or 'debian'")
+  if source == "seqio":
+    if not task_or_mixture:
+      raise ValueError("data.source = 'seqio' needs data.task_or_mixture")
+    return tasks.seqio_splits(task_or_mixture, modules=seqio_modules,
+                              debian_dir=debian_dir, train_split=train_split,
+                              eval_split=eval_split, num_train_examples=num_train_examples,
+                              seed=seed)
+  raise ValueError(f"data.source = {source!r}: expected 'synthetic', 'files', 'debian' "
+                   "or 'seqio'")
 
 
 @gin.configurable

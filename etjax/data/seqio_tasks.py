@@ -37,6 +37,8 @@ import numpy as np
 from etjax.data import readers, tokenizers
 
 _RAW_KEYS = ('text_a', 'text_b', 'label_str', 'domain_str')
+# Registered task or mixture name -> (label vocabulary, domain vocabulary).
+_VOCABS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 _TOKEN_KEYS = ('input_ids', 'attention_mask', 'token_type_ids')
 
 
@@ -272,11 +274,14 @@ def register_rows_task(name: str, rows_by_split: Mapping[str, list[dict[str, str
                                   preprocessors=list(preprocessors))
 
   task = add(name, dict(rows_by_split))
+  vocabs = (tuple(label_vocab), tuple(domain_vocab))
+  _VOCABS[name] = vocabs
   if domain_vocab and domain_mixture:
     per_domain = {d: {s: [r for r in rows if r['domain_str'] == d]
                       for s, rows in rows_by_split.items()} for d in domain_vocab}
     for d, rows in per_domain.items():
       add(domain_task_name(name, d), rows)
+      _VOCABS[domain_task_name(name, d)] = vocabs
     if domain_rates is None:
       train = 'train' if 'train' in rows_by_split else next(iter(rows_by_split))
       domain_rates = {d: len(rows[train]) for d, rows in per_domain.items()}
@@ -290,7 +295,17 @@ def register_rows_task(name: str, rows_by_split: Mapping[str, list[dict[str, str
       raise ValueError(f'{name}: every domain rate is 0')
     seqio.MixtureRegistry.remove(f'{name}.domains')
     seqio.MixtureRegistry.add(f'{name}.domains', rated)
+    _VOCABS[f'{name}.domains'] = vocabs
   return task
+
+
+def vocabularies(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(label names, domain names) of a task or mixture registered by this module; ids
+  of its examples index them."""
+  if name not in _VOCABS:
+    raise ValueError(f'{name!r} is not a task or mixture registered through '
+                     f'etjax.data.seqio_tasks; registered: {sorted(_VOCABS)}')
+  return _VOCABS[name]
 
 
 def register_file_task(name: str, paths: Mapping[str, str], schema: readers.Schema, *,

@@ -154,3 +154,28 @@ def test_bad_inputs_are_named(tmp_path):
         domain_rates={"music": 1.0})
   with pytest.raises(ValueError, match="Mixture: give num_examples"):
     seqio_tasks.load_examples("etjax_test_mix.domains", "train")
+
+
+@pytest.mark.slow
+def test_seqio_splits_and_etjax_train_from_a_mixture(tmp_path, capsys):
+  from etjax import main  # pylint: disable=g-import-not-at-top
+  splits = tasks.seqio_splits("debian_network.domains", debian_dir=DEBIAN_DIR,
+                              eval_split="dev", num_train_examples=40, seed=1)
+  native = debian.load_debian_descriptions(DEBIAN_DIR, "network")
+  assert splits.eval == native["dev"]
+  assert splits.label_names == native.label_vocab
+  assert splits.domain_names == native.domain_vocab
+  train_texts = {ex.text_a for ex in native["train"]}
+  assert len(splits.train) == 40 and all(ex.text_a in train_texts for ex in splits.train)
+  tiny = [
+      "--gin.data.source='seqio'", "--gin.data.task_or_mixture='debian_network.domains'",
+      f"--gin.data.debian_dir='{DEBIAN_DIR}'", "--gin.data.eval_split='dev'",
+      "--gin.data.num_train_examples=40", "--gin.classifier.model='bert-tiny'",
+      "--gin.classifier.vocab_size=300",
+      "--gin.classifier.overrides={'num_layers': 1, 'hidden_size': 32, 'num_heads': 2, "
+      "'intermediate_size': 64}", "--gin.train.num_steps=2", "--gin.train.batch_size=8",
+      "--gin.train.max_length=16", "--gin.train.progress=False",
+      f"--gin.train.workdir='{tmp_path / 'run'}'"]
+  assert main.run(["train", *tiny]) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert "accuracy=" in last and "macro_f1=" in last

@@ -69,40 +69,6 @@ def debian_splits(directory: str, task: str = "use") -> Splits:
                 label_names=tuple(data.label_vocab), domain_names=tuple(data.domain_vocab))
 
 
-def seqio_splits(task_or_mixture: str, *, modules: Sequence[str] = (),
-                 debian_dir: Optional[str] = None, train_split: str = "train",
-                 eval_split: str = "test", num_train_examples: Optional[int] = None,
-                 seed: int = 0) -> Splits:
-  """Train and eval examples from a seqio Task or Mixture (the `etjax[seqio]` extra).
-
-  Args:
-    task_or_mixture: a name registered through etjax.data.seqio_tasks.
-    modules: Python modules to import first; importing them registers the user's tasks.
-    debian_dir: when given, the Debian tasks (debian_use, debian_network, their
-      per-domain tasks and `.domains` mixtures) are registered from it first.
-    train_split, eval_split: the splits to read.
-    num_train_examples: rows to sample from a Mixture's training split (a Task is read
-      whole when None).
-    seed: the Mixture's sampling seed.
-  """
-  from etjax.data import seqio_tasks  # pylint: disable=g-import-not-at-top
-  for module in modules:
-    importlib.import_module(module)
-  if debian_dir:
-    seqio_tasks.register_debian_tasks(debian_dir)
-  label_names, domain_names = seqio_tasks.vocabularies(task_or_mixture)
-  train = seqio_tasks.load_examples(task_or_mixture, train_split,
-                                    num_examples=num_train_examples, seed=seed)
-  evaluation = seqio_tasks.load_examples(_eval_task_of(task_or_mixture), eval_split)
-  return Splits(train=train, eval=evaluation, label_names=label_names,
-                domain_names=domain_names)
-
-
-def _eval_task_of(name: str) -> str:
-  """A `.domains` mixture is evaluated on its whole task (every domain, in order)."""
-  return name[:-len(".domains")] if name.endswith(".domains") else name
-
-
 def resolve_pretrained(spec: str) -> str:
   """A model directory for `spec`: a path, a hub id, or 'package:NAME' for a Python
   package that ships weights and exposes NAME.get_model_path()."""

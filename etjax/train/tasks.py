@@ -69,6 +69,40 @@ def debian_splits(directory: str, task: str = "use") -> Splits:
                 label_names=tuple(data.label_vocab), domain_names=tuple(data.domain_vocab))
 
 
+def seqio_splits(task_or_mixture: str, *, modules: Sequence[str] = (),
+                 debian_dir: Optional[str] = None, train_split: str = "train",
+                 eval_split: str = "test", num_train_examples: Optional[int] = None,
+                 seed: int = 0) -> Splits:
+  """Train and eval examples from a seqio Task or Mixture (the `etjax[seqio]` extra).
+
+  Args:
+    task_or_mixture: a name registered through etjax.data.seqio_tasks.
+    modules: Python modules to import first; importing them registers the user's tasks.
+    debian_dir: when given, the Debian tasks (debian_use, debian_network, their
+      per-domain tasks and `.domains` mixtures) are registered from it first.
+    train_split, eval_split: the splits to read.
+    num_train_examples: rows to sample from a Mixture's training split (a Task is read
+      whole when None).
+    seed: the Mixture's sampling seed.
+  """
+  from etjax.data import seqio_tasks  # pylint: disable=g-import-not-at-top
+  for module in modules:
+    importlib.import_module(module)
+  if debian_dir:
+    seqio_tasks.register_debian_tasks(debian_dir)
+  label_names, domain_names = seqio_tasks.vocabularies(task_or_mixture)
+  train = seqio_tasks.load_examples(task_or_mixture, train_split,
+                                    num_examples=num_train_examples, seed=seed)
+  evaluation = seqio_tasks.load_examples(_eval_task_of(task_or_mixture), eval_split)
+  return Splits(train=train, eval=evaluation, label_names=label_names,
+                domain_names=domain_names)
+
+
+def _eval_task_of(name: str) -> str:
+  """A `.domains` mixture is evaluated on its whole task (every domain, in order)."""
+  return name[:-len(".domains")] if name.endswith(".domains") else name
+
+
 def resolve_pretrained(spec: str) -> str:
   """A model directory for `spec`: a path, a hub id, or 'package:NAME' for a Python
   package that ships weights and exposes NAME.get_model_path()."""
@@ -146,18 +180,22 @@ def load_job_assets(workdir: str) -> tuple[tokenizers.Tokenizer, list[str]]:
 MODEL_SPEC = "model.json"
 
 
-def save_model_spec(workdir: str, module: Any, *, max_length: int, name: str) -> str:
-  """Writes model.json beside the checkpoints: what rebuilds the classifier without gin
-  (the encoder's config, the number of labels, the trained length and a model name).
-  Returns its path."""
+def model_spec(module: Any, *, max_length: int, name: str) -> dict:
+  """The content of model.json: what rebuilds the classifier without gin (the
+  encoder's config, the number of labels, the trained length and a model name)."""
   config = module.encoder.config
-  spec = {"name": name, "config_type": type(config).__name__,
+  return {"name": name, "config_type": type(config).__name__,
           "config": dataclasses.asdict(config), "num_labels": int(module.num_labels),
           "dropout": float(module.dropout_rate), "max_length": int(max_length)}
+
+
+def save_model_spec(workdir: str, module: Any, *, max_length: int, name: str) -> str:
+  """Writes model.json (`model_spec`) beside the checkpoints; returns its path."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, MODEL_SPEC)
   with open(path + ".tmp", "w") as f:
-    json.dump(spec, f, indent=1, sort_keys=True)
+    json.dump(model_spec(module, max_length=max_length, name=name), f, indent=1,
+              sort_keys=True)
   os.replace(path + ".tmp", path)
   return path
 

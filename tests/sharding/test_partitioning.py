@@ -62,18 +62,21 @@ def test_3d_puts_layer_stacks_on_stage():
 
 
 def test_sharded_forward_matches_unsharded():
-  model = TinyClassifier()
-  variables = model.init(jax.random.PRNGKey(0), IDS)
-  ids = jax.random.randint(jax.random.PRNGKey(1), (8, 4), 0, 16)
-  want = model.apply(variables, ids)
-  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "model": 2})
-  rules = rules_lib.get_rules("2d")
-  shardings = partitioning.state_shardings(variables, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = jax.jit(model.apply, in_shardings=(shardings,
-                                            partitioning.batch_sharding(mesh, rules)))
-    got = fn(variables, ids)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Exact mathematics (sums split over devices), so float64 and a tight tolerance.
+  with jax.enable_x64(True):
+    model = TinyClassifier()
+    variables = model.init(jax.random.PRNGKey(0), IDS)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (8, 4), 0, 16)
+    want = model.apply(variables, ids)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    rules = rules_lib.get_rules("2d")
+    shardings = partitioning.state_shardings(variables, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      fn = jax.jit(model.apply, in_shardings=(shardings,
+                                              partitioning.batch_sharding(mesh, rules)))
+      got = fn(variables, ids)
+  assert got.dtype == np.float64
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_indivisible_dimension_names_parameter_shape_and_axes():

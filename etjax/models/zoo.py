@@ -53,7 +53,8 @@ _CONFIGS: dict[str, Callable[[], Any]] = {
 }
 
 # Modules that call `register` for their model family when imported.
-_FAMILY_MODULES = ("etjax.models.t5_configs", "etjax.models.gpt2_configs")
+_FAMILY_MODULES = ("etjax.models.t5_configs", "etjax.models.gpt2_configs",
+                   "etjax.models.fashionbert")
 _loaded_families = False
 
 

@@ -8,3 +8,6 @@ from etjax.models.zoo import create_model, get_config, list_models, module_for, 
 from etjax.models.t5 import T5Encoder, T5Model, T5Output
 from etjax.models.t5_configs import T5Config
 from etjax.models.t5_decode import greedy_decode
+from etjax.models.gpt2 import GPT2, GPT2Output
+from etjax.models.gpt2_configs import GPT2Config
+from etjax.models.gpt2_decode import generate

@@ -59,9 +59,9 @@ def dot_product_attention(
       when dropout_rng is None; with 'rsa' it runs RSA's XLA path, see _rsa_attention).
     return_probs: also return the probabilities [batch, heads, q_length, kv_length].
     q_offset: when decoding with a key/value cache, the position of the first query
-      among the keys (int or int32 scalar, may be traced). Only 'rsa' reads it, to
-      pick the causal layout rows of the queries' blocks; 'dense' needs nothing
-      beyond key_mask_bl.
+      among the keys (int or int32 scalar, may be traced): the causal mask puts query
+      i at q_offset + i (default: the queries are the last q_length keys), and 'rsa'
+      picks the causal layout rows of the queries' blocks from it.
 
   Returns:
     (out [batch, q_length, heads, head_dim], probs or None).
@@ -80,19 +80,20 @@ def dot_product_attention(
   return _dense_attention(q_blhd, k_blhd, v_blhd, key_mask_bl=key_mask_bl,
                           bias_bhqk=bias_bhqk, causal=causal, scale=scale,
                           dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                          return_probs=return_probs)
+                          return_probs=return_probs, q_offset=q_offset)
 
 
 def attention_mask_bhqk(key_mask_bl: Optional[jax.Array], q_length: int,
-                        kv_length: int, causal: bool) -> Optional[jax.Array]:
+                        kv_length: int, causal: bool,
+                        q_offset: Optional[jax.Array] = None) -> Optional[jax.Array]:
   """Boolean mask [batch or 1, 1, q_length, kv_length]: True where attending is allowed."""
   mask = None
   if key_mask_bl is not None:
     mask = (key_mask_bl != 0)[:, None, None, :]
   if causal:
-    # Queries are the last q_length positions of the keys (q_length < kv_length when
-    # decoding with a cache).
-    offset = kv_length - q_length
+    # Query i sits at key position offset + i: by default the queries are the last
+    # q_length keys; a cache being filled chunk by chunk says where they are.
+    offset = kv_length - q_length if q_offset is None else q_offset
     causal_qk = (jnp.arange(q_length)[:, None] + offset) >= jnp.arange(kv_length)[None, :]
     causal_qk = causal_qk[None, None]
     mask = causal_qk if mask is None else jnp.logical_and(mask, causal_qk)
@@ -100,7 +101,7 @@ def attention_mask_bhqk(key_mask_bl: Optional[jax.Array], q_length: int,
 
 
 def _dense_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, scale,
-                     dropout_rate, dropout_rng, return_probs):
+                     dropout_rate, dropout_rng, return_probs, q_offset=None):
   dtype = q_blhd.dtype
   # Heads next to batch before the products: XLA:CPU runs a dot_general whose batch
   # dimensions lead about 3x faster than one with (batch, heads) split around the
@@ -110,7 +111,8 @@ def _dense_attention(q_blhd, k_blhd, v_blhd, *, key_mask_bl, bias_bhqk, causal, 
                            preferred_element_type=jnp.float32) * scale
   if bias_bhqk is not None:
     scores_bhqk = scores_bhqk + bias_bhqk.astype(jnp.float32)
-  mask = attention_mask_bhqk(key_mask_bl, q_blhd.shape[1], k_blhd.shape[1], causal)
+  mask = attention_mask_bhqk(key_mask_bl, q_blhd.shape[1], k_blhd.shape[1], causal,
+                             q_offset)
   if mask is not None:
     # The most negative finite value (as transformers does), not -inf: a row with every
     # key masked then averages uniformly instead of producing NaN.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -58,6 +59,11 @@ class ParamRule:
   may differ in depth); None means the family's `num_stacked(config)`. `fallback` names
   the tensor to load when `hf_name` is absent (a weight that a checkpoint stores once
   under another name because the two are tied); saving always writes `hf_name`.
+  `split=(k, n)` maps the k-th of n equal parts of the tensor's last axis (a fused
+  projection such as GPT-2's c_attn, whose query, key and value are three Flax
+  kernels); saving concatenates the parts in order. An `optional` weight may be
+  absent from a checkpoint (a task head, a pooler that head models drop): loading
+  then starts it from the module's own initialisation.
   """
   hf_name: str
   flax_path: tuple[str, ...]
@@ -65,6 +71,8 @@ class ParamRule:
   stacked: bool = False
   num_layers: Optional[int] = None
   fallback: Optional[str] = None
+  split: Optional[tuple[int, int]] = None
+  optional: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +86,41 @@ class Family:
   hf_prefixes: tuple[str, ...] = ()             # stripped when loading head models
 
 
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """A task head over a family's backbone (e.g. 'mlm' over BERT), as transformers'
+  *For<Task> classes: `build(backbone_module)` returns the module with the head (it
+  names its head `hf_head` and exposes the backbone's `config`), `rules(config)` every
+  weight of it (backbone and head), `architecture(config)` the class name saved in
+  config.json."""
+  build: Callable[[nn.Module], nn.Module]
+  rules: Callable[[Any], Sequence[ParamRule]]
+  architecture: Callable[[Any], str]
+
+
 _FAMILIES: dict[str, Family] = {}
-_FAMILY_MODULES = ("etjax.models.bert_hf", "etjax.models.t5_hf", "etjax.models.gpt2_hf")
+_HEADS: dict[tuple[str, str], Head] = {}
+_FAMILY_MODULES = ("etjax.models.bert_hf", "etjax.models.t5_hf", "etjax.models.gpt2_hf",
+                   "etjax.models.mlm")
 
 
 def register_family(family: Family) -> None:
   for model_type in family.model_types:
     _FAMILIES[model_type] = family
+
+
+def register_head(model_types: Sequence[str], name: str, head: Head) -> None:
+  """Makes head `name` loadable and savable for the families of `model_types`."""
+  for model_type in model_types:
+    _HEADS[(model_type, name)] = head
+
+
+def _head(family: Family, name: str) -> Head:
+  model_type = family.model_types[0]
+  if (model_type, name) not in _HEADS:
+    known = sorted(h for t, h in _HEADS if t == model_type)
+    raise ValueError(f"no head {name!r} for model_type {model_type!r}; known: {known}")
+  return _HEADS[(model_type, name)]
 
 
 def _family(model_type: str) -> Family:
@@ -115,19 +151,28 @@ def _set(tree: dict, path: Sequence[str], value) -> None:
 
 
 def tensors_to_params(tensors: Mapping[str, np.ndarray], config: Any,
-                      abstract_params: Mapping, where: str = "") -> Params:
+                      abstract_params: Mapping, where: str = "",
+                      head: Optional[str] = None, missing: Optional[list] = None
+                      ) -> Params:
   """Builds Flax params (plain numpy) from HF tensors, shaped like `abstract_params`.
 
-  Raises ValueError naming a missing tensor or a shape mismatch.
+  `head` names a task head registered for the family (its rules then apply).
+  Optional weights absent from `tensors` are left out of the result and their Flax
+  paths appended to `missing` (when given). Raises ValueError naming a missing
+  tensor or a shape mismatch.
   """
   family = _family(_model_type_of(config))
   tensors = _strip_prefixes(tensors, family.hf_prefixes)
   params: dict = {}
-  for rule in family.rules(config):
+  for rule in _rules(family, config, head):
     target = _get(abstract_params, rule.flax_path)
     n = _num_layers(rule, family, config)
     names = [rule.hf_name.format(i=i) for i in range(n)] if rule.stacked else [rule.hf_name]
     per_layer_shape = target.shape[1:] if rule.stacked else target.shape
+    if rule.optional and not any(name in tensors for name in names + [rule.fallback]):
+      if missing is not None:
+        missing.append(rule.flax_path)
+      continue
     arrays = []
     for name in names:
       if name not in tensors and rule.fallback in tensors:
@@ -136,7 +181,10 @@ def tensors_to_params(tensors: Mapping[str, np.ndarray], config: Any,
         also = f" or {rule.fallback!r}" if rule.fallback else ""
         raise ValueError(f"{where or 'checkpoint'}: missing tensor {name!r}{also} "
                          f"(for {'/'.join(rule.flax_path)})")
-      array = rule.transform.to_flax(np.asarray(tensors[name]), tuple(per_layer_shape))
+      tensor = np.asarray(tensors[name])
+      if rule.split is not None:
+        tensor = np.split(tensor, rule.split[1], axis=-1)[rule.split[0]]
+      array = rule.transform.to_flax(tensor, tuple(per_layer_shape))
       if array.shape != tuple(per_layer_shape):
         raise ValueError(f"{where or 'checkpoint'}: tensor {name!r} has shape "
                          f"{tensors[name].shape}, which does not fit "
@@ -146,18 +194,33 @@ def tensors_to_params(tensors: Mapping[str, np.ndarray], config: Any,
   return params
 
 
-def params_to_tensors(params: Mapping, config: Any) -> dict:
+def params_to_tensors(params: Mapping, config: Any, head: Optional[str] = None) -> dict:
   """Flax params -> dict of HF tensor name -> float32 numpy array."""
   family = _family(_model_type_of(config))
   params = nn.meta.unbox(params)
-  tensors = {}
-  for rule in family.rules(config):
+  tensors, parts = {}, {}
+  for rule in _rules(family, config, head):
     n = _num_layers(rule, family, config)
     value = np.asarray(_get(params, rule.flax_path), dtype=np.float32)
     per_layer = [value[i] for i in range(n)] if rule.stacked else [value]
     for i, array in enumerate(per_layer):
-      tensors[rule.hf_name.format(i=i)] = np.ascontiguousarray(rule.transform.to_hf(array))
+      name = rule.hf_name.format(i=i)
+      array = rule.transform.to_hf(array)
+      if rule.split is None:
+        tensors[name] = np.ascontiguousarray(array)
+      else:
+        parts.setdefault(name, [None] * rule.split[1])[rule.split[0]] = array
+  for name, pieces in parts.items():
+    if any(p is None for p in pieces):
+      raise ValueError(f"the rules give only some parts of the fused tensor {name!r}")
+    tensors[name] = np.ascontiguousarray(np.concatenate(pieces, axis=-1))
   return tensors
+
+
+def _rules(family: Family, config: Any, head: Optional[str]) -> Sequence[ParamRule]:
+  if head is None:
+    return family.rules(config)
+  return _head(family, head).rules(config)
 
 
 def _num_layers(rule: ParamRule, family: Family, config: Any) -> int:
@@ -236,11 +299,15 @@ def config_from_pretrained(path_or_hub_id: str, **overrides) -> Any:
   return config.replace(**overrides) if overrides else config
 
 
-def from_pretrained(path_or_hub_id: str, **overrides) -> tuple[nn.Module, Params]:
+def from_pretrained(path_or_hub_id: str, *, head: Optional[str] = None,
+                    **overrides) -> tuple[nn.Module, Params]:
   """Loads a Hugging Face model directory (or hub id, where the network allows).
 
   Args:
     path_or_hub_id: a directory with config.json and *.safetensors, or a hub id.
+    head: a task head registered for the family ('mlm' for BERT, RoBERTa, ALBERT):
+      the module then carries it. Head weights absent from the checkpoint (a base
+      model's directory) start from the module's initialisation, with a warning.
     **overrides: config fields to change (dtype, attention backend, dropout, ...).
 
   Returns:
@@ -252,10 +319,28 @@ def from_pretrained(path_or_hub_id: str, **overrides) -> tuple[nn.Module, Params
   directory = resolve_directory(path_or_hub_id)
   config = config_from_pretrained(directory, **overrides)
   module = module_for(config)
+  if head is not None:
+    module = _head(_family(_model_type_of(config)), head).build(module)
   abstract = abstract_params(module)
+  missing: list = []
   params = tensors_to_params(read_safetensors(directory), config, abstract,
-                             where=directory)
+                             where=directory, head=head, missing=missing)
+  if missing:
+    params = _initialise_missing(module, params, missing)
+    warnings.warn(f"{directory}: no weights for {['/'.join(p) for p in missing]}; "
+                  "they start from a fresh initialisation", UserWarning, stacklevel=2)
   return module, jax.tree.map(np.asarray, params)
+
+
+def _initialise_missing(module: nn.Module, params: Params, missing: Sequence) -> Params:
+  """`params` with the leaves at the `missing` paths taken from module.init (seed 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  fresh = nn.meta.unbox(module.init(jax.random.PRNGKey(0),
+                                    jnp.zeros((1, 8), jnp.int32))["params"])
+  for path in missing:
+    _set(params, path, np.asarray(_get(fresh, path)))
+  return params
 
 
 def abstract_params(module: nn.Module) -> Params:
@@ -281,10 +366,14 @@ def save_pretrained(module: nn.Module, params: Params, directory: str, *,
   if os.path.exists(weights) and not overwrite:
     raise ValueError(f"{weights} exists; pass overwrite=True to replace it")
   family = _family(_model_type_of(config))
-  tensors = params_to_tensors(params, config)
+  head = getattr(module, "hf_head", None)
+  tensors = params_to_tensors(params, config, head)
+  hf_config = family.config_to_hf(config)
+  if head is not None:
+    hf_config["architectures"] = [_head(family, head).architecture(config)]
   tmp = weights + ".tmp"
   save_file(tensors, tmp, metadata={"format": "pt"})
   os.replace(tmp, weights)  # never leave a half-written model.safetensors
   with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(family.config_to_hf(config), f, indent=2, sort_keys=True)
+    json.dump(hf_config, f, indent=2, sort_keys=True)
   return directory

@@ -192,11 +192,13 @@ class MultiHeadAttention(nn.Module):
   With `decode`, self-attention keeps a key/value cache in the 'cache' collection
   (autoregressive decoding, as flax's attention does): the first call, on the full
   [batch, max_length, embed] input, creates an empty cache and attends as usual; each
-  later call takes one position [batch, 1, embed], writes its key and value at the
-  cache index, and attends to the positions written so far (and key_mask_bl, which
-  then covers all max_length positions). Cross-attention with `decode` projects the
-  keys and values of `kv_bld` on the call that makes the cache (which must therefore
-  run with the real parameters) and reuses them on every later call.
+  later call takes the next n positions [batch, n, embed] (one when decoding, a
+  whole prompt when filling the cache), writes their keys and values at the cache
+  index, and attends to the positions written so far, causally within the chunk when
+  `causal` (and key_mask_bl, which then covers all max_length positions).
+  Cross-attention with `decode` projects the keys and values of `kv_bld` on the call
+  that makes the cache (which must therefore run with the real parameters) and reuses
+  them on every later call.
   """
   num_heads: int
   head_dim: int
@@ -258,9 +260,10 @@ class MultiHeadAttention(nn.Module):
     return out_bld, probs
 
   def _use_cache(self, k_blhd, v_blhd, key_mask_bl, causal):
-    """Creates the cache, or appends one position to it and returns the cached keys,
-    values, the mask of the positions written so far, causal=False (one query) and
-    the query's position (RSA follows the causal layout row of that position)."""
+    """Creates the cache, or appends n positions to it and returns the cached keys,
+    values, the mask of the positions written so far, whether the queries need a
+    causal mask among themselves (n > 1), and the first query's position (the causal
+    mask and RSA's layout rows start there)."""
     initialized = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k_blhd.shape, k_blhd.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v_blhd.shape,
@@ -268,9 +271,10 @@ class MultiHeadAttention(nn.Module):
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not initialized:
       return k_blhd, v_blhd, key_mask_bl, causal, None
-    if k_blhd.shape[1] != 1:
-      raise ValueError("MultiHeadAttention(decode=True) takes one position per call "
-                       f"after the cache is made, got {k_blhd.shape[1]}")
+    n = k_blhd.shape[1]
+    if n > cached_k.value.shape[1]:
+      raise ValueError(f"MultiHeadAttention(decode=True): {n} positions do not fit the "
+                       f"cache of {cached_k.value.shape[1]}")
     i = index.value
     k_blhd = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_blhd.astype(
         cached_k.value.dtype), i, axis=1)
@@ -278,8 +282,10 @@ class MultiHeadAttention(nn.Module):
         cached_v.value.dtype), i, axis=1)
     k_blhd = constrain(k_blhd, ("batch", "length", "heads", "kv"))
     v_blhd = constrain(v_blhd, ("batch", "length", "heads", "kv"))
-    cached_k.value, cached_v.value, index.value = k_blhd, v_blhd, i + 1
-    written_bl = (jnp.arange(k_blhd.shape[1]) <= i)[None, :]
+    cached_k.value, cached_v.value, index.value = k_blhd, v_blhd, i + n
+    written_bl = (jnp.arange(k_blhd.shape[1]) < i + n)[None, :]
     if key_mask_bl is not None:
       written_bl = jnp.logical_and(written_bl, key_mask_bl != 0)
-    return k_blhd, v_blhd, written_bl, False, i
+    # One position sees every written key; a chunk (a prompt) stays causal within
+    # itself, its queries sitting at positions i .. i + n - 1 of the cache.
+    return k_blhd, v_blhd, written_bl, causal and n > 1, i

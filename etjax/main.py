@@ -112,7 +112,13 @@ def train(workdir: str = gin.REQUIRED, num_steps: int = 100, batch_size: int = 3
           eval_every: int = 0, checkpoint_every: int = 0,
           keep_best_metric: Optional[str] = "accuracy", log_every: int = 10,
           progress: bool = True):
-  """Run settings."""
+  """Run settings (the counts must be integers: 5.5 steps is refused, not rounded)."""
+  for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
+                      ("eval_batch_size", eval_batch_size), ("max_length", max_length),
+                      ("seed", seed), ("eval_every", eval_every),
+                      ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"train.{name} = {value!r}: expected an integer")
   return dict(workdir=workdir, num_steps=num_steps, batch_size=batch_size,
               eval_batch_size=eval_batch_size, max_length=max_length, seed=seed,
               eval_every=eval_every, checkpoint_every=checkpoint_every,
@@ -169,95 +175,155 @@ _REGISTERED: set = set()
 # --- commands -----------------------------------------------------------------------------
 
 
-def _job(workdir_suffix: str = "", **classifier_changes):
-  """Assembles (trainer, splits, tokenizer, encode) from the gin bindings."""
-  from etjax import algorithms  # pylint: disable=g-import-not-at-top
-  from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
+def _workdir(run: dict, suffix: str = "") -> str:
+  return os.path.join(run["workdir"], suffix) if suffix else run["workdir"]
+
+
+def _classifier(num_labels: int, model_cfg: dict, tokenizer, pretrained_dir,
+                load_weights: bool = True):
+  """(module, pretrained params or None) of the `classifier` settings."""
   from etjax.train import tasks  # pylint: disable=g-import-not-at-top
-  from etjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
-  run, model_cfg, opt = train(), classifier(), optimizer()
-  model_cfg.update(classifier_changes)
-  splits = data()
-  pretrained_dir = (tasks.resolve_pretrained(model_cfg["pretrained"])
-                    if model_cfg["pretrained"] else None)
-  tokenizer = tasks.make_tokenizer(pretrained_dir, tasks.texts_of(splits.train),
-                                   model_cfg["vocab_size"])
   overrides = dict(model_cfg["overrides"] or {})
   if not pretrained_dir:
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
-  module, pretrained = tasks.build_classifier(
-      len(splits.label_names), model=model_cfg["model"], pretrained_dir=pretrained_dir,
+  return tasks.build_classifier(
+      num_labels, model=model_cfg["model"], pretrained_dir=pretrained_dir,
       random_init=model_cfg["random_init"], dropout=model_cfg["dropout"],
-      overrides=overrides)
+      overrides=overrides, load_weights=load_weights)
+
+
+def _trainer(module, pretrained, run: dict, workdir: str):
+  """The Trainer of a fine-tuning job (`optimizer`, `mesh` and `train` settings)."""
+  from etjax import algorithms  # pylint: disable=g-import-not-at-top
+  from etjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  opt = optimizer()
   tx = algorithms.make_optimizer(
       opt["name"], learning_rate=opt["learning_rate"], total_steps=run["num_steps"],
       warmup_steps=int(opt["warmup_fraction"] * run["num_steps"]),
       weight_decay=opt["weight_decay"], max_grad_norm=opt["max_grad_norm"])
   step = algorithms.finetune(module, tx, pretrained=pretrained)
   spec, rules = mesh()
-  workdir = os.path.join(run["workdir"], workdir_suffix) if workdir_suffix else run["workdir"]
   config = module.encoder.config
-  trainer = Trainer(step, workdir=workdir, num_steps=run["num_steps"], mesh=spec,
-                    rules=rules, seed=run["seed"], eval_every=run["eval_every"],
-                    checkpoint_every=run["checkpoint_every"],
-                    keep_best_metric=run["keep_best_metric"], log_every=run["log_every"],
-                    progress=run["progress"],
-                    pipeline=(config.pipeline_stages, config.pipeline_microbatches))
-  encode = lambda examples: pipeline.encode_examples(examples, tokenizer,
-                                                     run["max_length"])
-  return trainer, splits, tokenizer, encode, run
+  return Trainer(step, workdir=workdir, num_steps=run["num_steps"], mesh=spec,
+                 rules=rules, seed=run["seed"], eval_every=run["eval_every"],
+                 checkpoint_every=run["checkpoint_every"],
+                 keep_best_metric=run["keep_best_metric"], log_every=run["log_every"],
+                 progress=run["progress"],
+                 pipeline=(config.pipeline_stages, config.pipeline_microbatches))
+
+
+def _encoder(tokenizer, run: dict):
+  from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return lambda examples: pipeline.encode_examples(examples, tokenizer,
+                                                   run["max_length"])
+
+
+def _job(workdir_suffix: str = "", **classifier_changes):
+  """Assembles (trainer, splits, tokenizer, encode, run) from the gin bindings. The
+  tokenizer is the workdir's saved one when there is one (see tasks.make_tokenizer)."""
+  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  run, model_cfg = train(), classifier()
+  model_cfg.update(classifier_changes)
+  splits = data()
+  workdir = _workdir(run, workdir_suffix)
+  pretrained_dir = (tasks.resolve_pretrained(model_cfg["pretrained"])
+                    if model_cfg["pretrained"] else None)
+  tokenizer = tasks.make_tokenizer(pretrained_dir, tasks.texts_of(splits.train),
+                                   model_cfg["vocab_size"], workdir=workdir)
+  module, pretrained = _classifier(len(splits.label_names), model_cfg, tokenizer,
+                                   pretrained_dir)
+  trainer = _trainer(module, pretrained, run, workdir)
+  return trainer, splits, tokenizer, _encoder(tokenizer, run), run
+
+
+def _format_metrics(metrics: dict) -> str:
+  # AUC is undefined (nan) when the eval set lacks a class: say so, not 'nan'.
+  return ", ".join(f"{k}=undefined" if isinstance(v, float) and v != v else
+                   f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in metrics.items())
+
+
+def _first_batch(encode, examples):
+  from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return next(iter(pipeline.eval_batches(encode(examples[:1]), 1)))
 
 
 def cmd_train(workdir_suffix: str = "", **classifier_changes) -> dict:
-  """Trains (resuming when the workdir has checkpoints) and evaluates; returns metrics."""
+  """Trains (resuming when the workdir has checkpoints) and evaluates; returns metrics.
+
+  Holds the workdir's lock throughout; checks that the workdir's saved assets and
+  checkpoints belong to this job before writing anything into it."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.train import assets, predict_io, workdir  # pylint: disable=g-import-not-at-top
   trainer, splits, tokenizer, encode, run = _job(workdir_suffix, **classifier_changes)
-  trainer.write_config(gin.config_str())
-  tasks.save_job_assets(trainer.workdir, tokenizer, splits.label_names)
-  train_iter = pipeline.train_iterator(encode(splits.train), run["batch_size"],
-                                       seed=run["seed"])
-  eval_data = pipeline.eval_batches(encode(splits.eval), run["eval_batch_size"])
-  result = trainer.fit(train_iter, eval_data)
-  metrics = result.eval_metrics or trainer.evaluate(result.state, eval_data)
-  print(f"[{trainer.workdir}] step {result.step}: " +
-        ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                  for k, v in metrics.items()))
+  classes = sorted({ex.label for ex in splits.train})
+  if len(classes) < 2:
+    raise ValueError(f"the training set has one class ({splits.label_names[classes[0]]!r}"
+                     f", {len(splits.train)} examples): a classifier needs at least "
+                     "two; check data.label and the training file")
+  primary = jax.process_index() == 0
+  with (workdir.lock(trainer.workdir, command="etjax train") if primary else
+        contextlib.nullcontext()):
+    schema = predict_io.input_schema(splits.schema, any(ex.text_b for ex in splits.train),
+                                     splits.format)
+    files = assets.job_files(tokenizer, splits.label_names, schema)
+    assets.check(trainer.workdir, files)  # before anything is written
+    trainer.check_resumable(_first_batch(encode, splits.train))
+    trainer.write_config(gin.config_str())
+    if primary:
+      assets.save(trainer.workdir, files)
+    train_iter = pipeline.train_iterator(encode(splits.train), run["batch_size"],
+                                         seed=run["seed"])
+    eval_data = pipeline.eval_batches(encode(splits.eval), run["eval_batch_size"])
+    result = trainer.fit(train_iter, eval_data)
+    metrics = result.eval_metrics or trainer.evaluate(result.state, eval_data)
+  resumed = getattr(trainer, "resumed_from", None)
+  if resumed is not None:
+    print(f"[{trainer.workdir}] resumed from step {resumed}")
+  print(f"[{trainer.workdir}] step {result.step}: {_format_metrics(metrics)}")
   return metrics
-
-
-def _restored(trainer, encode, examples):
-  from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  example_batch = next(iter(pipeline.eval_batches(encode(examples[:1]), 1)))
-  return trainer.restore(example_batch)
 
 
 def cmd_eval() -> dict:
   """Evaluates the latest checkpoint of the workdir on the eval split."""
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from etjax.train import assets  # pylint: disable=g-import-not-at-top
   trainer, splits, _, encode, run = _job()
-  state = _restored(trainer, encode, splits.eval)
+  assets.check(trainer.workdir, {assets.LABELS: list(splits.label_names)})
+  state = trainer.restore(_first_batch(encode, splits.eval))
   metrics = trainer.evaluate(state, pipeline.eval_batches(encode(splits.eval),
                                                           run["eval_batch_size"]))
-  print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                  for k, v in metrics.items()))
+  print(_format_metrics(metrics))
   return metrics
 
 
 def cmd_predict(input_path: str, output_path: str, workdir_suffix: str = "") -> list:
-  """Classifies the texts of `input_path` (TSV) and writes a TSV of predictions."""
+  """Classifies the rows of `input_path` with the workdir's model and writes one
+  prediction row per input row (etjax.train.predict_io). Reads only the workdir (its
+  tokenizer, labels, schema, checkpoint) and the model's architecture, not the
+  training data or the pretrained weights."""
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
-  trainer, _, _, _, run = _job(workdir_suffix)
-  tokenizer, label_names = tasks.load_job_assets(trainer.workdir)
-  encode = lambda examples: pipeline.encode_examples(examples, tokenizer,
-                                                     run["max_length"])
-  examples = tasks.read_prediction_inputs(input_path)
-  state = _restored(trainer, encode, examples)
+  from etjax.train import assets, predict_io, tasks  # pylint: disable=g-import-not-at-top
+  run, model_cfg = train(), classifier()
+  workdir = _workdir(run, workdir_suffix)
+  predict_io.check_output(output_path)  # before any work, so no result is lost
+  tokenizer, label_names = tasks.load_job_assets(workdir)
+  schema = assets.load_schema(workdir) or predict_io.input_schema(None, pairs=False)
+  inputs = predict_io.read_inputs(input_path, schema)
+  pretrained_dir = (tasks.resolve_pretrained(model_cfg["pretrained"])
+                    if model_cfg["pretrained"] else None)
+  module, _ = _classifier(len(label_names), model_cfg, tokenizer, pretrained_dir,
+                          load_weights=False)
+  trainer = _trainer(module, None, run, workdir)
+  encode = _encoder(tokenizer, run)
+  examples = inputs.examples()
+  state = trainer.restore(_first_batch(encode, examples))
   out = trainer.predict(state, pipeline.eval_batches(encode(examples),
                                                      run["eval_batch_size"]))
-  tasks.write_predictions(output_path, examples, out["predictions"],
-                          out["probabilities"], label_names)
+  predict_io.write_predictions(output_path, inputs, out["predictions"],
+                               out["probabilities"], label_names)
   return [label_names[int(p)] for p in out["predictions"]]
 
 
@@ -446,9 +512,12 @@ def gin_search_roots(extra: Sequence[str] = ()) -> list[str]:
   one holding etjax's gin/ (the checkout, or the installed package, which ships gin/
   as package data)."""
   package = os.path.dirname(os.path.abspath(__file__))
+  # The checkout's root (editable installs), then the package (setup.py copies gin/
+  # into it). 'gin/meshes' tells etjax's configs from the gin-config library's
+  # site-packages/gin, which the first candidate may hold.
   shipped = [d for d in (os.path.dirname(package), package)
-             if os.path.isdir(os.path.join(d, "gin"))]
-  roots = [os.path.abspath(p) for p in extra] + [os.getcwd()] + shipped[:1]
+             if os.path.isdir(os.path.join(d, "gin", "meshes"))]
+  roots = [os.path.abspath(p) for p in extra] + [os.getcwd()] + shipped
   return list(dict.fromkeys(roots))
 
 
@@ -606,6 +675,11 @@ def _start_runtime() -> None:
                          FLAGS.process_id)
 
 
+def _explicit_verbosity(argv: Sequence[str]) -> bool:
+  del argv  # absl removed the flags; FLAGS remembers whether they were given
+  return any(FLAGS[name].present for name in ("verbosity", "v") if name in FLAGS)
+
+
 def _main(argv: Sequence[str]) -> int:
   """Runs the command named by the positional arguments left after absl's parse."""
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -619,6 +693,10 @@ def _main(argv: Sequence[str]) -> int:
           file=sys.stderr)
     return 2
   cmd = COMMANDS[name]
+  if not _explicit_verbosity(argv):
+    # absl.app turns INFO on; the libraries' INFO lines (orbax's per save) would bury
+    # the command's own output, so only warnings show unless -v/--verbosity says.
+    logging.set_verbosity(logging.WARNING)
   try:
     if cmd.runtime:
       _start_runtime()

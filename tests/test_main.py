@@ -79,9 +79,11 @@ def test_train_eval_predict_end_to_end(tmp_path, capsys):
   inputs.write_text("the plot is gripping , i love it\nthe kettle is flimsy , avoid it\n")
   assert main.run(["predict", "--input", str(inputs), "--output", str(outputs)] + args) == 0
   lines = outputs.read_text().splitlines()
-  assert lines[0].split("\t") == ["text_a", "text_b", "prediction", "probability"]
+  # One row per input row, keyed by input line; the texts are not repeated.
+  assert lines[0].split("\t") == ["line", "prediction", "probability"]
   assert len(lines) == 3
-  assert all(line.split("\t")[2] in ("negative", "positive") for line in lines[1:])
+  assert [line.split("\t")[0] for line in lines[1:]] == ["1", "2"]
+  assert all(line.split("\t")[1] in ("negative", "positive") for line in lines[1:])
 
 
 def test_pipelined_training_reports_the_bubble_fraction(tmp_path, capsys):

@@ -12,7 +12,8 @@ and domains become integer ids through vocabularies that are either given or inf
 Bad rows (wrong column count, missing or empty field, unknown label or domain, bad
 JSON) raise a ValueError naming the file, line and column; with on_error='skip' they
 are skipped, counted in `ReadResult.num_skipped` and reported in one logged warning.
-Files may be gzip-compressed (name ending in .gz).
+Files may be gzip-compressed (name ending in .gz). Bytes that are not UTF-8 make their
+row bad (named by file and line). A text field may hold up to FIELD_SIZE_LIMIT (16 MiB).
 """
 
 from __future__ import annotations
@@ -120,10 +121,27 @@ class Row:
   error: str | None = None
 
 
+# Longest text field accepted (csv's default, 128 KiB, refuses long documents).
+FIELD_SIZE_LIMIT = 16 * 1024 * 1024
+
+
 def _open_text(path: str) -> io.TextIOBase:
+  # Undecodable bytes become lone surrogates (surrogateescape), so a bad row is
+  # reported with its line, and skipped under on_error='skip', like any other bad row.
   if path.endswith('.gz'):
-    return io.TextIOWrapper(gzip.open(path, 'rb'), encoding='utf-8', newline='')
-  return open(path, 'r', encoding='utf-8', newline='')
+    return io.TextIOWrapper(gzip.open(path, 'rb'), encoding='utf-8', newline='',
+                            errors='surrogateescape')
+  return open(path, 'r', encoding='utf-8', newline='', errors='surrogateescape')
+
+
+def _utf8_error(values) -> str | None:
+  """'not UTF-8 (...)' when a decoded value holds an undecodable byte, else None."""
+  for column, value in enumerate(values, 1):
+    bad = next((c for c in value if '\udc80' <= c <= '\udcff'), None)
+    if bad is not None:
+      return (f'not UTF-8: byte 0x{ord(bad) - 0xdc00:02x} in field {column} '
+              '(save the file as UTF-8)')
+  return None
 
 
 def guess_format(path: str) -> str:
@@ -164,6 +182,10 @@ def _iter_jsonl(path: str, f) -> Iterator[Row]:
   for line_no, line in enumerate(f, start=1):
     if not line.strip():
       continue
+    bad = _utf8_error([line])
+    if bad:
+      yield Row(line_no, None, bad.replace(' in field 1', ''))
+      continue
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -184,15 +206,24 @@ def _iter_delimited(path: str, f, fmt: str, schema: Schema) -> Iterator[Row]:
   names: list[str] | None = None
   width: int | None = None
   prev_end = 0
+  csv.field_size_limit(max(csv.field_size_limit(), FIELD_SIZE_LIMIT))
   while True:
     try:
       values = next(reader)
     except StopIteration:
       return
     except csv.Error as e:
-      raise ValueError(f'{path}:{reader.line_num}: {e}') from e
+      hint = (f' (the limit is {FIELD_SIZE_LIMIT >> 20} MiB per field: '
+              'etjax.data.readers.FIELD_SIZE_LIMIT)' if 'field limit' in str(e) else '')
+      raise ValueError(f'{path}:{reader.line_num}: {e}{hint}') from e
     line_no, prev_end = prev_end + 1, reader.line_num
     if not values or (len(values) == 1 and not values[0].strip()):
+      continue
+    bad = _utf8_error(values)
+    if bad and schema.header and names is None:
+      raise ValueError(f'{path}:{line_no}: header {bad}')
+    if bad:
+      yield Row(line_no, None, bad)
       continue
     if schema.header and names is None:
       names = values

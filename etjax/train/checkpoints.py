@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 PyTree = Any
@@ -63,6 +64,18 @@ def _restore_target(abstract_state: PyTree, shardings: Optional[PyTree]) -> PyTr
       return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   return jax.tree.map(target, plain, shardings)
+
+
+def _arrays_by_name(tree: PyTree) -> dict[str, tuple[tuple, str]]:
+  """{'a/b/c': (shape, dtype name)} of a tree's array leaves (attribute, key and index
+  paths spelt alike, so a dataclass and the dict orbax saves it as compare equal)."""
+  def part(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {"/".join(part(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _from_restored(abstract_state: PyTree, restored: PyTree) -> PyTree:
@@ -197,6 +210,34 @@ class Checkpointer:
       return None
     pick = max if self.best_mode == "max" else min
     return pick(scored)[1]
+
+  def check_compatible(self, abstract_state: PyTree) -> None:
+    """Raises ValueError, naming the first differing array, when the latest step's
+    saved state does not have `abstract_state`'s arrays (names, shapes, dtypes): a
+    job with another model or optimizer pointed at this directory. Reads only the
+    step's metadata; nothing is restored or changed."""
+    steps = self.all_steps()
+    if not steps:
+      return
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(os.path.join(self.step_dir(steps[-1]), "state"))).tree
+    except (OSError, ValueError, KeyError):
+      return  # unreadable metadata: `restore` verifies the step and sets it aside
+    want = _arrays_by_name(_restore_target(abstract_state, None))
+    have = _arrays_by_name(saved)
+    if want == have:
+      return
+    problems = ([f"{n} is saved but this job has no such array"
+                 for n in sorted(set(have) - set(want))] +
+                [f"{n} is not in the checkpoint" for n in sorted(set(want) - set(have))] +
+                [f"{n} is {have[n][1]}{list(have[n][0])} saved, {want[n][1]}"
+                 f"{list(want[n][0])} in this job"
+                 for n in sorted(set(want) & set(have)) if want[n] != have[n]])
+    raise ValueError(f"the checkpoints in {self.directory} (step {steps[-1]}) belong to "
+                     f"another model or optimizer: {problems[0]} ({len(problems)} "
+                     "difference(s)); use a new workdir or the settings it was trained "
+                     "with")
 
   def save(self, step: int, state: PyTree, data_state: Optional[dict] = None,
            metrics: Optional[dict] = None) -> None:

@@ -12,11 +12,10 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from etjax import models
 from etjax.data import readers, synthetic, tokenizers
 from etjax.data.debian import load_debian_descriptions
+from etjax.train import assets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +26,14 @@ class Splits:
     train, eval: lists of etjax.data.Example.
     label_names: label strings (Example.label indexes them).
     domain_names: domain strings (Example.domain indexes them).
+    schema, format: the readers.Schema and format of file data (None otherwise).
   """
   train: list
   eval: list
   label_names: tuple[str, ...]
   domain_names: tuple[str, ...] = ()
+  schema: Optional[readers.Schema] = None  # how files were read (None: not files)
+  format: Optional[str] = None
 
 
 def synthetic_splits(*, task: str = "sentiment",
@@ -59,7 +61,8 @@ def file_splits(train_path: str, eval_path: str, schema: readers.Schema, *,
                                      domain_vocab=train.domain_vocab or None,
                                      on_error=on_error)
   return Splits(train=list(train), eval=list(evaluation), label_names=train.label_vocab,
-                domain_names=train.domain_vocab)
+                domain_names=train.domain_vocab, schema=schema,
+                format=format or readers.guess_format(train_path))
 
 
 def debian_splits(directory: str, task: str = "use") -> Splits:
@@ -113,13 +116,21 @@ def resolve_pretrained(spec: str) -> str:
     except ModuleNotFoundError as e:
       raise ValueError(f"pretrained {spec!r}: Python package {name!r} is not installed"
                        ) from e
+    if not callable(getattr(module, "get_model_path", None)):
+      raise ValueError(f"pretrained {spec!r}: package {name!r} ships no model weights "
+                       "(it has no get_model_path())")
     return module.get_model_path()
   return models.hf.resolve_directory(spec)
 
 
 def make_tokenizer(pretrained_dir: Optional[str], train_texts: Sequence[str],
-                   vocab_size: int) -> tokenizers.Tokenizer:
-  """The pretrained model's tokenizer, or a WordPiece one learnt from the train texts."""
+                   vocab_size: int, workdir: Optional[str] = None
+                   ) -> tokenizers.Tokenizer:
+  """The tokenizer a run saved in `workdir` (resumed runs, eval, predict: the one the
+  checkpoints were trained with), else the pretrained model's, else a WordPiece one
+  learnt (deterministically) from the train texts."""
+  if workdir and assets.has_tokenizer(workdir):
+    return assets.load_tokenizer(workdir)
   if pretrained_dir:
     return tokenizers.load_tokenizer(pretrained_dir)
   return tokenizers.build_wordpiece_tokenizer(train_texts, vocab_size)
@@ -131,8 +142,8 @@ def texts_of(examples: Sequence[Any]) -> list[str]:
 
 def build_classifier(num_labels: int, *, model: Optional[str] = None,
                      pretrained_dir: Optional[str] = None, random_init: bool = False,
-                     dropout: float = 0.1, overrides: Optional[dict] = None
-                     ) -> tuple[Any, Optional[dict]]:
+                     dropout: float = 0.1, overrides: Optional[dict] = None,
+                     load_weights: bool = True) -> tuple[Any, Optional[dict]]:
   """A SequenceClassifier and the pretrained encoder weights to start from.
 
   Args:
@@ -142,12 +153,18 @@ def build_classifier(num_labels: int, *, model: Optional[str] = None,
     random_init: keep the pretrained architecture but start from random weights (the
       no-transfer baseline).
     overrides: config fields to change (dtype, attention backend, sizes, ...).
+    load_weights: False reads only the pretrained config (the architecture), for a
+      model whose weights come from a checkpoint.
 
   Returns:
     (module, {'encoder': params} or None).
   """
   overrides = dict(overrides or {})
-  if pretrained_dir:
+  if pretrained_dir and not load_weights:
+    encoder = models.module_for(models.config_from_pretrained(pretrained_dir,
+                                                              **overrides))
+    pretrained = None
+  elif pretrained_dir:
     encoder, params = models.from_pretrained(pretrained_dir, **overrides)
     pretrained = None if random_init else {"encoder": params}
   elif model:
@@ -159,22 +176,16 @@ def build_classifier(num_labels: int, *, model: Optional[str] = None,
 
 
 def save_job_assets(workdir: str, tokenizer: tokenizers.Tokenizer,
-                    label_names: Sequence[str]) -> None:
-  """Writes what `predict` needs beside the checkpoints: tokenizer and label names."""
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer.save(os.path.join(workdir, "tokenizer"))
-  with open(os.path.join(workdir, "labels.json"), "w") as f:
-    json.dump(list(label_names), f)
+                    label_names: Sequence[str], schema: Optional[dict] = None) -> None:
+  """Writes what `predict` needs beside the checkpoints (tokenizer, label names, input
+  schema): atomically, only where missing, and failing naming the difference where the
+  workdir holds different ones (etjax.train.assets)."""
+  assets.save(workdir, assets.job_files(tokenizer, label_names, schema))
 
 
 def load_job_assets(workdir: str) -> tuple[tokenizers.Tokenizer, list[str]]:
   """The tokenizer and label names a training run saved in `workdir`."""
-  labels_path = os.path.join(workdir, "labels.json")
-  if not os.path.exists(labels_path):
-    raise ValueError(f"{workdir} has no labels.json: was a model trained there?")
-  with open(labels_path) as f:
-    labels = json.load(f)
-  return tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer")), labels
+  return assets.load_tokenizer(workdir), assets.load_labels(workdir)
 
 
 MODEL_SPEC = "model.json"
@@ -216,32 +227,3 @@ def load_model_spec(workdir: str) -> tuple[Any, dict]:
   return models.SequenceClassifier(models.module_for(config),
                                    num_labels=spec["num_labels"],
                                    dropout_rate=spec["dropout"]), spec
-
-
-def read_prediction_inputs(path: str) -> list:
-  """Texts to classify: a TSV with text_a (and optionally text_b) per line, no header."""
-  examples = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      fields = line.split("\t")
-      if len(fields) > 2:
-        raise ValueError(f"{path}:{line_no}: expected text_a[<TAB>text_b], got "
-                         f"{len(fields)} columns")
-      examples.append(readers.Example(fields[0], fields[1] if len(fields) == 2 else None,
-                                      0, 0, ""))
-  if not examples:
-    raise ValueError(f"{path}: no texts to predict")
-  return examples
-
-
-def write_predictions(path: str, examples: Sequence[Any], predictions: np.ndarray,
-                      probabilities: np.ndarray, label_names: Sequence[str]) -> None:
-  """A TSV: text_a, text_b, predicted label, its probability."""
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("text_a\ttext_b\tprediction\tprobability\n")
-    for ex, p, probs in zip(examples, predictions, probabilities):
-      f.write(f"{ex.text_a}\t{ex.text_b or ''}\t{label_names[int(p)]}\t"
-              f"{float(probs[int(p)]):.4f}\n")

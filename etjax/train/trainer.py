@@ -45,12 +45,15 @@ Batch = Mapping[str, np.ndarray]
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss; `step` says where."""
 
-  def __init__(self, step: int, loss: float, last_checkpoint: Optional[int]):
+  def __init__(self, step: int, loss: Optional[float], last_checkpoint: Optional[int]):
+    # loss None: the loss was finite but the state about to be saved was not.
     self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
     kept = ("no checkpoint was saved before it" if last_checkpoint is None else
             f"the last good checkpoint, step {last_checkpoint}, is kept")
-    super().__init__(f"non-finite loss {loss} at step {step}; training stopped and "
-                     f"{kept}")
+    what = (f"non-finite loss {loss}" if loss is not None else
+            "non-finite parameters or optimizer state")
+    super().__init__(f"{what} at step {step}; training stopped (the learning rate may "
+                     f"be too high) and {kept}")
 
 
 class FitResult(NamedTuple):
@@ -201,6 +204,20 @@ class Trainer:
     state, _, _ = self.checkpointer.restore(self._abstract, self.state_sharding, step)
     return state
 
+  def check_resumable(self, example_batch: Batch) -> None:
+    """Raises ValueError naming the first difference when the workdir's latest
+    checkpoint does not fit this TrainStep's state (reads metadata only)."""
+    self._setup(example_batch)
+    self.checkpointer.check_compatible(self._abstract)
+
+  def _check_finite(self, state: TrainState, step: int, last_saved: Optional[int]):
+    """Only a state whose parameters and optimizer state are finite is saved: the loss
+    check sees the weights before an update, a save stores them after it."""
+    with self._context():
+      finite = bool(_all_finite(state))
+    if not finite:
+      raise NonFiniteLossError(step, None, last_saved)
+
   def write_config(self, text: str, name: str = "config.gin") -> str:
     """Writes the run's resolved config beside the checkpoints; an existing different
     one is renamed to '<name>.<n>' (with a warning), never overwritten. Returns the path."""
@@ -240,7 +257,8 @@ class Trainer:
           warnings.warn(f"resuming at step {step} without a data position: the train "
                         "iterator has no set_state or none was saved", RuntimeWarning,
                         stacklevel=3)
-        logging.info("resumed from %s at step %d", self.checkpointer.directory, step)
+        logging.info("resumed from step %d (%s)", step, self.checkpointer.directory)
+        self.resumed_from = step
         return state, step, True
     return self.init_state(first_batch), 0, False
 
@@ -314,6 +332,7 @@ class Trainer:
           eval_metrics = self.evaluate(state, eval_data)
           writer.write(step, "eval", eval_metrics)
         if save_now:
+          self._check_finite(state, step, last_saved)
           data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
           self.checkpointer.save(step, state, data_state,
                                  eval_metrics if evaluate_now else None)
@@ -322,6 +341,7 @@ class Trainer:
       if pending is not None:
         window.add(*pending, bar)
       if last_saved != step:
+        self._check_finite(state, step, last_saved)
         data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
         self.checkpointer.save(step, state, data_state)
     except log_lib.NonFiniteValue as e:
@@ -397,6 +417,13 @@ def _predict_with_targets(predict, state, batch):
   if "labels" in batch:
     out[_LABELS] = batch["labels"]
   return out
+
+
+@jax.jit
+def _all_finite(state) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(nn.meta.unbox(state))
+            if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
 
 
 def _global_size(batch: Mapping[str, jax.Array]) -> int:

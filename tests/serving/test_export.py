@@ -172,3 +172,8 @@ def test_loader_needs_neither_flax_nor_model_code(exported):
                        env=env, check=False)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_batch_rows_are_padded_to_few_shapes():
+  assert [loader.padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33)] == [
+      1, 2, 4, 8, 8, 16, 16, 24, 40]

@@ -35,6 +35,7 @@ from absl import flags
 from absl import logging
 import gin
 
+from etjax.apps import config as app_config
 from etjax.data import synthetic
 
 # --- gin-configurable job pieces --------------------------------------------------------
@@ -129,6 +130,13 @@ def train(workdir: str = gin.REQUIRED, num_steps: int = 100, batch_size: int = 3
 def experiment(fn=gin.REQUIRED):
   """The experiment a run file names (`experiment.fn = @feature_table8`)."""
   return fn()
+
+
+@gin.configurable
+def appzoo(**app_flags):
+  """`etjax app` settings under EasyTransfer's flag names (gin/runs/apps/*.gin bind
+  them, e.g. appzoo.modelName = 'text_classify_bert'); command-line flags win."""
+  return app_flags
 
 
 # Library functions gin files may bind, by gin name: (module, function). The
@@ -425,6 +433,9 @@ flags.DEFINE_string("pipeline", "1x1", "plan: STAGESxMICROBATCHES.")
 flags.DEFINE_float("device_memory_gib", None, "plan: memory per device to check the "
                    "plan against.")
 flags.DEFINE_bool("json", False, "plan: print one JSON object.")
+# etjax app: EasyTransfer's flag names, parsed and checked by etjax.apps.config.
+for _name in app_config.FLAG_NAMES:
+  flags.DEFINE_string(_name, None, f"app: {app_config.FLAG_HELP[_name]}.")
 app.define_help_flags()  # --help, --helpfull, ... listed with the flags above
 
 
@@ -470,6 +481,27 @@ command("run", "run the experiment of the gin file (a paper table)")(cmd_run)
 command("plan", "per-device memory of a zoo model's train step (no gin)",
         uses_gin=False, runtime=False)(cmd_plan)
 command("models", "list the ModelZoo names", uses_gin=False, runtime=False)(cmd_models)
+
+
+@command("app", "an AppZoo application with EasyTransfer's flags (etjax app --help)")
+def cmd_app() -> None:
+  """`etjax app --mode=... --modelName=...`: gin's appzoo bindings, then the flags."""
+  import json  # pylint: disable=g-import-not-at-top
+  from etjax.apps import runner  # pylint: disable=g-import-not-at-top
+  given = {**appzoo(), **{n: FLAGS[n].value for n in app_config.FLAG_NAMES
+                          if FLAGS[n].present}}
+  result = runner.run_app(given)
+  print(result if isinstance(result, str) else json.dumps(result, default=float))
+
+
+def app_usage() -> str:
+  """`etjax app --help`: the apps, one line each, and the app flags."""
+  from etjax.apps.registry import describe_apps  # pylint: disable=g-import-not-at-top
+  return "\n".join(
+      [f"usage: {PROG} app --mode=train|evaluate|predict|export --modelName=APP "
+       "[--FLAG=VALUE ...] [--gin_file=gin/runs/apps/APP.gin]", "", "apps:",
+       describe_apps(), "", "flags (EasyTransfer's names):"]
+      + [f"  --{n:22s} {app_config.FLAG_HELP[n]}" for n in app_config.FLAG_NAMES])
 
 
 # --- gin ------------------------------------------------------------------------------------
@@ -655,7 +687,7 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
   FLAGS.unparse_flags()  # a second run in one process starts from the defaults
   if any(a in ("-h", "-help", "--help", "--helpshort", "-?", "--helpfull")
          for a in argv[1:]):
-    print(usage(full="--helpfull" in argv))
+    print(app_usage() if "app" in argv[1:] else usage(full="--helpfull" in argv))
     raise SystemExit(0)
   try:
     return FLAGS(argv)

@@ -105,11 +105,36 @@ _FLAGS = {
     "advancedParameters": ("advanced_parameters", parse_advanced),
 }
 FLAG_NAMES = tuple(_FLAGS)
+FLAG_HELP = {
+    "mode": "train, evaluate, predict or export",
+    "modelName": "the app (etjax app --help lists them)",
+    "inputTable": "headerless TSV: 'train[,dev]' for train, one file otherwise",
+    "inputSchema": "the table's columns: name:type:length,... (type str, int, float)",
+    "firstSequence": "the column of the (first) text",
+    "secondSequence": "the column of the second text of a pair",
+    "labelName": "the column of the label",
+    "labelEnumerateValues": "the labels, comma-separated (default: seen in training)",
+    "sequenceLength": "tokens per input (default 128)",
+    "batchSize": "examples per step (default 32)",
+    "numEpochs": "passes over the training table (default 1)",
+    "learningRate": "peak learning rate (default 5e-5)",
+    "optimizerType": "adam, adamw, lamb or adafactor (default adamw)",
+    "checkpointDir": "where train writes checkpoints and what the other modes read",
+    "saveCheckpointSteps": "save every this many steps (default: at the end)",
+    "pretrainedModel": "a zoo name, a Hugging Face directory or package:NAME",
+    "outputTable": "predict: the output TSV (or .npy)",
+    "outputSchema": "predict: output columns (default predictions,probabilities,logits)",
+    "appendCols": "predict: input columns copied after the outputs",
+    "exportDirBase": "export: the root of the versioned export directories",
+    "distributionStrategy": "MESH[:RULES], e.g. data=-1:dp or data=2,model=4:tp",
+    "advancedParameters": "app settings as 'key=value key=value' (unknown keys fail)",
+}
 
 # What evaluate/predict/export take from train_config.json when not given again.
 MODEL_FLAGS = ("modelName", "pretrainedModel", "sequenceLength", "firstSequence",
                "secondSequence", "labelName", "labelEnumerateValues",
-               "advancedParameters", "distributionStrategy", "inputSchema")
+               "advancedParameters", "distributionStrategy", "inputSchema",
+               "optimizerType")
 
 
 @dataclasses.dataclass(frozen=True)

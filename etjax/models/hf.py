@@ -169,16 +169,18 @@ def tensors_to_params(tensors: Mapping[str, np.ndarray], config: Any,
     n = _num_layers(rule, family, config)
     names = [rule.hf_name.format(i=i) for i in range(n)] if rule.stacked else [rule.hf_name]
     per_layer_shape = target.shape[1:] if rule.stacked else target.shape
-    if rule.optional and not any(name in tensors for name in names + [rule.fallback]):
+    # A stacked rule's fallback names each layer too ('{i}').
+    fallbacks = [rule.fallback and rule.fallback.format(i=i) for i in range(len(names))]
+    if rule.optional and not any(name in tensors for name in names + fallbacks):
       if missing is not None:
         missing.append(rule.flax_path)
       continue
     arrays = []
-    for name in names:
-      if name not in tensors and rule.fallback in tensors:
-        name = rule.fallback
+    for name, fallback in zip(names, fallbacks):
+      if name not in tensors and fallback in tensors:
+        name = fallback
       if name not in tensors:
-        also = f" or {rule.fallback!r}" if rule.fallback else ""
+        also = f" or {fallback!r}" if fallback else ""
         raise ValueError(f"{where or 'checkpoint'}: missing tensor {name!r}{also} "
                          f"(for {'/'.join(rule.flax_path)})")
       tensor = np.asarray(tensors[name])

@@ -32,10 +32,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from etjax.algorithms.step import TrainState, TrainStep
+from etjax.data import prefetch as prefetch_lib
 from etjax.models.pipeline import bubble_fraction
 from etjax.sharding import mesh as mesh_lib
 from etjax.sharding import partitioning, rules as rules_lib
 from etjax.train import checkpoints as ckpt_lib
+from etjax.train import compile_cache
 from etjax.train import logging as log_lib
 from etjax.train import metrics as metrics_lib
 
@@ -108,6 +110,12 @@ class Trainer:
     pipeline: (stages, microbatches) of the model's pipeline over the `stage` axis;
       with stages > 1 the run reports the GPipe bubble fraction (S-1)/(M+S-1) (the
       trainer cannot see inside the model, so the caller says).
+    compilation_cache: jax's persistent compilation cache directory ('auto':
+      $ETJAX_COMPILATION_CACHE, else ~/.cache/etjax/jax-cache; None: leave jax's
+      setting alone); a second run of the same job loads its executables instead of
+      compiling them (etjax.train.compile_cache).
+    prefetch: batches prepared and put on the devices ahead on a background thread
+      (0: none); the saved data position stays that of the last batch trained on.
   """
 
   def __init__(self, train_step: TrainStep, *, workdir: str, num_steps: int,
@@ -116,11 +124,16 @@ class Trainer:
                checkpoint_every: int = 0, keep_last: int = 2,
                keep_best_metric: Optional[str] = None, best_mode: str = "max",
                log_every: int = 50, progress: bool = True, tensorboard: bool = True,
-               pipeline: tuple[int, int] = (1, 1)):
+               pipeline: tuple[int, int] = (1, 1),
+               compilation_cache: Optional[str] = "auto", prefetch: int = 2):
     for name, value in (("num_steps", num_steps), ("eval_every", eval_every),
                         ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
       if value < 0 or (name in ("num_steps", "log_every") and value == 0):
         raise ValueError(f"Trainer: {name} must be positive, got {value}")
+    if prefetch < 0:
+      raise ValueError(f"Trainer: prefetch must be >= 0, got {prefetch}")
+    self.compilation_cache = compile_cache.enable(compilation_cache)
+    self.prefetch = prefetch
     self.train_step = train_step
     self.workdir = os.path.abspath(workdir)
     self.num_steps, self.seed = num_steps, seed
@@ -293,27 +306,29 @@ class Trainer:
     window = log_lib.ThroughputWindow()
     eval_metrics: dict = {}
     train_metrics: dict = {}
-    pending = None  # (step, metrics, examples) of an update not yet checked on the host
+    # (step, metrics, examples) of updates not yet fetched: the host waits for the
+    # devices only at logging, evaluation and saving, so updates queue up back to back.
+    pending: list = []
     last_saved = step if resumed else None
+    # Batches go to the devices `prefetch` steps ahead; `batches.get_state()` is the
+    # position after the last batch trained on (not the thread's, which runs ahead).
+    batches = prefetch_lib.Prefetcher(train_iter, self._device_batch, self.prefetch)
+    position = lambda: batches.get_state() or {}
     try:
       while step < self.num_steps:
         if not resumed and step == 0:
-          batch = first
+          device_batch = self._device_batch(first)
         else:
           try:
-            batch = next(train_iter)
+            device_batch = next(batches)
           except StopIteration:
             warnings.warn(f"train data ended at step {step} before num_steps="
                           f"{self.num_steps}", RuntimeWarning, stacklevel=2)
             break
-        device_batch = self._device_batch(batch)
         with self._context():
           state, metrics = self._update(state, device_batch)
         step += 1
-        # Checking the previous step's loss only now keeps one update in flight.
-        if pending is not None:
-          window.add(*pending, bar)
-        pending = (step, metrics, _global_size(device_batch))
+        pending.append((step, metrics, _global_size(device_batch)))
         evaluate_now = eval_data is not None and (
             step == self.num_steps or (self.eval_every and step % self.eval_every == 0))
         save_now = (step == self.num_steps or evaluate_now and self.keep_best_metric or
@@ -323,8 +338,9 @@ class Trainer:
         if not (window.started is None or step % self.log_every == 0 or evaluate_now or
                 save_now):
           continue
-        window.add(*pending, bar)
-        pending = None
+        for update in pending:
+          window.add(*update, bar)
+        pending = []
         if step % self.log_every == 0 or step == self.num_steps:
           train_metrics = window.flush(writer, step, bar)
         paused = time.perf_counter()
@@ -333,20 +349,19 @@ class Trainer:
           writer.write(step, "eval", eval_metrics)
         if save_now:
           self._check_finite(state, step, last_saved)
-          data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
-          self.checkpointer.save(step, state, data_state,
+          self.checkpointer.save(step, state, position(),
                                  eval_metrics if evaluate_now else None)
           last_saved = step
         window.excluded += time.perf_counter() - paused
-      if pending is not None:
-        window.add(*pending, bar)
+      for update in pending:
+        window.add(*update, bar)
       if last_saved != step:
         self._check_finite(state, step, last_saved)
-        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
-        self.checkpointer.save(step, state, data_state)
+        self.checkpointer.save(step, state, position())
     except log_lib.NonFiniteValue as e:
       raise NonFiniteLossError(e.step, e.loss, last_saved) from None
     finally:
+      batches.close()
       bar.close()
       writer.close()
     return FitResult(state, step, train_metrics or window.means(), eval_metrics)

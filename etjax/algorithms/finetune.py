@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from etjax.algorithms.step import Batch, TrainState, TrainStep, apply_gradients, next_rng
+from etjax.algorithms.step import (Batch, TrainState, TrainStep, apply_gradients,
+                                  gradient_step)
 
 LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict]]
 
@@ -34,20 +35,23 @@ def weighted_cross_entropy(logits_bc: jax.Array, labels_b: jax.Array,
   num_classes = logits_bc.shape[-1]
   targets_bc = optax.smooth_labels(jax.nn.one_hot(labels_b, num_classes), label_smoothing) \
       if label_smoothing else jax.nn.one_hot(labels_b, num_classes)
-  losses_b = optax.softmax_cross_entropy(logits_bc.astype(jnp.float32), targets_bc)
+  # At least float32 (bf16 logits widen); float64 stays float64 for exact-math tests.
+  logits_bc = logits_bc.astype(jnp.promote_types(logits_bc.dtype, jnp.float32))
+  losses_b = optax.softmax_cross_entropy(logits_bc, targets_bc)
   if weights_b is None:
     return losses_b.mean()
-  weights_b = weights_b.astype(jnp.float32)
+  weights_b = weights_b.astype(losses_b.dtype)
   return (losses_b * weights_b).sum() / jnp.maximum(weights_b.sum(), 1e-9)
 
 
 def weighted_accuracy(logits_bc: jax.Array, labels_b: jax.Array,
                       weights_b: Optional[jax.Array] = None) -> jax.Array:
   """Fraction of correct argmax predictions, weighted per example: scalar."""
-  correct_b = (logits_bc.argmax(-1) == labels_b).astype(jnp.float32)
+  # The default float: float32, or float64 under x64 (exact-math tests).
+  correct_b = (logits_bc.argmax(-1) == labels_b).astype(jnp.result_type(float))
   if weights_b is None:
     return correct_b.mean()
-  weights_b = weights_b.astype(jnp.float32)
+  weights_b = weights_b.astype(correct_b.dtype)
   return (correct_b * weights_b).sum() / jnp.maximum(weights_b.sum(), 1e-9)
 
 
@@ -121,19 +125,21 @@ def step_from_loss(loss_fn: LossFn, init_fn: Callable[[jax.Array, Batch], Any],
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng)
 
-  def update(state, batch):
-    step_rng, rng = next_rng(state)
+  def grad(state, batch, rng):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, step_rng, False)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        state.params, batch, rng, False)
+    metrics = {"loss": loss}
     metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
-    return apply_gradients(state, grads, tx, rng=rng), metrics
+    return grads, metrics
+
+  def apply(state, grads, rng):
+    return apply_gradients(state, grads, tx, rng=rng)
 
   def predict(state, batch):
     _, aux = loss_fn(state.params, _with_dummy_labels(batch), state.rng, True)
     return {k: v for k, v in aux.items() if jnp.ndim(v) > 0}
 
-  return TrainStep(init=init, update=update, predict=predict)
+  return gradient_step(init, grad, apply, predict)
 
 
 def _with_dummy_labels(batch: Batch) -> dict:

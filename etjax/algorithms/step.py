@@ -27,10 +27,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 Batch = Mapping[str, jax.Array]
 Metrics = Mapping[str, jax.Array]
 PyTree = Any
+GradFn = Callable[[Any, Batch, jax.Array], tuple[PyTree, Metrics]]
+ApplyFn = Callable[[Any, PyTree, jax.Array], Any]
 
 
 @flax.struct.dataclass
@@ -60,10 +63,16 @@ class TrainStep(NamedTuple):
     predict: (state, batch) -> dict of arrays, at least 'logits' [batch, classes] for
       classifiers. Used by evaluation and `etjax predict`; None when the step cannot
       predict on its own.
+    grad, apply: the two halves of `update` for a step made by `gradient_step`
+      (None otherwise): grad(state, batch, rng) -> (grads like state.params, scalar
+      metrics) and apply(state, grads, rng) -> state. Gradient accumulation and
+      low-precision gradient communication transform `grad` and keep `apply`.
   """
   init: Callable[[jax.Array, Batch], TrainState]
   update: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   predict: Optional[Callable[[TrainState, Batch], dict]] = None
+  grad: Optional[GradFn] = None
+  apply: Optional[ApplyFn] = None
 
 
 def unbox(tree: PyTree) -> PyTree:
@@ -98,3 +107,30 @@ def _apply_updates(params: PyTree, updates: PyTree) -> PyTree:
   # optax.apply_updates maps over leaves; boxes are pytree nodes, so the metadata
   # survives. Cast back so a bf16 update never widens or narrows a parameter.
   return jax.tree.map(lambda p, u: (p + u).astype(jnp.asarray(p).dtype), params, updates)
+
+
+def gradient_step(init: Callable[[jax.Array, Batch], TrainState], grad: GradFn,
+                  apply: ApplyFn, predict: Optional[Callable] = None) -> TrainStep:
+  """The TrainStep whose update is `apply(state, grad(state, batch, rng))`.
+
+  The rng is split once per step (`next_rng`): `grad` gets the step's key, `apply`
+  the one to store. Metrics: those of `grad` plus 'grad_norm' (of the gradients
+  `apply` receives, i.e. after any accumulation or all-reduce).
+  """
+  def update(state, batch):
+    step_rng, rng = next_rng(state)
+    grads, metrics = grad(state, batch, step_rng)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    return apply(state, grads, rng), metrics
+
+  return TrainStep(init=init, update=update, predict=predict, grad=grad, apply=apply)
+
+
+def batch_weight(batch: Batch) -> jax.Array:
+  """The total weight a weighted-mean loss divides by: sum of batch['weight'], or the
+  number of examples (leading dimension of the first leaf) without one. float32 []
+  (float64 under x64)."""
+  if "weight" in batch:
+    return jnp.sum(jnp.asarray(batch["weight"], jnp.result_type(float)))
+  first = jax.tree.leaves(batch)[0]
+  return jnp.asarray(first.shape[0], jnp.result_type(float))

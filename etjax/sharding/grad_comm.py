@@ -85,6 +85,53 @@ def mean_in_dtype(tree: Any, axes: Sequence[str], comm_dtype: Any, *,
   return jax.tree.map(hierarchical_reduce if hierarchical else flat_reduce, tree)
 
 
+def _batch_axes(mesh: Mesh, batch_axes: Optional[Sequence[str]]) -> tuple[str, ...]:
+  unknown = set(batch_axes or ()) - set(mesh.axis_names)
+  if unknown:
+    raise ValueError(f"batch_axes {sorted(unknown)} are not axes of the mesh "
+                     f"{mesh.axis_names}")
+  return tuple(a for a in (batch_axes or DEFAULT_BATCH_AXES) if a in mesh.axis_names)
+
+
+def _at_least_f32(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _rebox(boxed: Any, values: Any) -> Any:
+  """`values` (plain arrays) in the logical boxes of `boxed` (same structure)."""
+  return jax.tree.map(lambda box, g: box.replace_boxed(g) if isinstance(
+      box, nn.meta.AxisMetadata) else g, boxed, values,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _sharded_grad(grad_fn, mesh, axes, comm_dtype, hierarchical, get_params, set_params):
+  """grad_fn(state, batch, rng) -> (value, grads like get_params(state)), run per
+  batch shard in a shard_map; value averaged in (at least) float32, grads in
+  comm_dtype. The state is replicated; its params become varying over `axes`."""
+  def per_shard(state, batch, rng):
+    if rng is not None:  # different dropout masks on different shards
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
+    # Replicated parameters are invariant over the batch axes, and shard_map would
+    # psum their gradients in float32 by itself (the transpose of the implicit
+    # broadcast); marking them varying keeps each device's gradient its own.
+    state = set_params(state, jax.lax.pcast(get_params(state), axes, to="varying"))
+    # Each device differentiates its own shard; no sharding constraints per device.
+    with nn.logical_axis_rules(()):
+      value, grads = grad_fn(state, batch, rng)
+    value = jax.tree.map(lambda v: mean_in_dtype(_at_least_f32(v), axes,
+                                                 _at_least_f32(v).dtype), value)
+    outer = ("dcn_data",) if hierarchical else ()
+    return value, mean_in_dtype(grads, axes, comm_dtype, outer_axes=outer)
+
+  def sharded_grad(state, batch, rng=None):
+    sharded = jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=(P(), P()))
+    value, grads = sharded(nn.meta.unbox(state), batch, rng)
+    return value, _rebox(get_params(state), grads)
+
+  return sharded_grad
+
+
 def data_parallel_grad(loss_fn: Callable[..., Any], mesh: Mesh, *,
                        comm_dtype: Any = jnp.float32,
                        batch_axes: Optional[Sequence[str]] = None,
@@ -110,39 +157,31 @@ def data_parallel_grad(loss_fn: Callable[..., Any], mesh: Mesh, *,
     structure, boxes and dtypes of params. Call it under jit; every batch leaf's leading
     dimension must divide by the product of the batch axes.
   """
-  axes = tuple(a for a in (batch_axes or DEFAULT_BATCH_AXES) if a in mesh.axis_names)
-  unknown = set(batch_axes or ()) - set(mesh.axis_names)
-  if unknown:
-    raise ValueError(f"batch_axes {sorted(unknown)} are not axes of the mesh "
-                     f"{mesh.axis_names}")
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  axes = _batch_axes(mesh, batch_axes)
+  return _sharded_grad(jax.value_and_grad(loss_fn, has_aux=has_aux), mesh, axes,
+                       comm_dtype, hierarchical, lambda params: params,
+                       lambda _, params: params)
 
-  def per_shard(params, batch, rng):
-    if rng is not None:  # different dropout masks on different shards
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
-    # Replicated parameters are invariant over the batch axes, and shard_map would
-    # psum their gradients in float32 by itself (the transpose of the implicit
-    # broadcast); marking them varying keeps each device's gradient its own.
-    params = jax.lax.pcast(params, axes, to="varying")
-    # Each device differentiates its own shard; no sharding constraints per device.
-    with nn.logical_axis_rules(()):
-      value, grads = value_and_grad(params, batch, rng)
-    value = jax.tree.map(lambda v: v.astype(jnp.float32), value)
-    outer = ("dcn_data",) if hierarchical else ()
-    return (mean_in_dtype(value, axes, jnp.float32),
-            mean_in_dtype(grads, axes, comm_dtype, outer_axes=outer))
 
-  def grad_fn(params, batch, rng=None):
-    values = nn.meta.unbox(params)
-    sharded = jax.shard_map(
-        per_shard, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=(P(), P()))
-    value, grads = sharded(values, batch, rng)
-    boxed = jax.tree.map(lambda box, g: box.replace_boxed(g) if isinstance(
-        box, nn.meta.AxisMetadata) else g, params, grads,
-                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-    return value, boxed
+def data_parallel_state_grad(grad_fn: Callable[..., Any], mesh: Mesh, *,
+                             comm_dtype: Any = jnp.float32,
+                             batch_axes: Optional[Sequence[str]] = None,
+                             hierarchical: bool = False) -> Callable[..., tuple[Any, Any]]:
+  """`data_parallel_grad` for a gradient function of a whole training state.
 
-  return grad_fn
+  Args:
+    grad_fn: (state, batch, rng) -> (value, grads), grads shaped like `state.params`;
+      each device calls it on its own batch shard (with its own rng fold).
+    mesh, comm_dtype, batch_axes, hierarchical: as for `data_parallel_grad`.
+
+  Returns:
+    fn(state, batch, rng=None) -> (value averaged over shards in at least float32,
+    grads averaged over shards in comm_dtype, boxed like state.params).
+  """
+  axes = _batch_axes(mesh, batch_axes)
+  return _sharded_grad(grad_fn, mesh, axes, comm_dtype, hierarchical,
+                       lambda state: state.params,
+                       lambda state, params: state.replace(params=params))
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,

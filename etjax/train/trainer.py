@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from etjax.algorithms import accumulate as accumulate_lib
 from etjax.algorithms.step import TrainState, TrainStep
 from etjax.data import prefetch as prefetch_lib
 from etjax.models.pipeline import bubble_fraction
@@ -110,6 +111,11 @@ class Trainer:
     pipeline: (stages, microbatches) of the model's pipeline over the `stage` axis;
       with stages > 1 the run reports the GPipe bubble fraction (S-1)/(M+S-1) (the
       trainer cannot see inside the model, so the caller says).
+    grad_accum_steps: accumulate each update's gradient over this many microbatches
+      of the batch (exact for weighted-mean losses; etjax.algorithms.accumulate).
+    grad_comm_dtype: all-reduce the gradient over the batch axes in this dtype (e.g.
+      'bfloat16'; etjax.sharding.grad_comm), None for the partitioner's own reduction.
+      Both need a TrainStep made by `gradient_step` (grad and apply).
     compilation_cache: jax's persistent compilation cache directory ('auto':
       $ETJAX_COMPILATION_CACHE, else ~/.cache/etjax/jax-cache; None: leave jax's
       setting alone); a second run of the same job loads its executables instead of
@@ -124,7 +130,8 @@ class Trainer:
                checkpoint_every: int = 0, keep_last: int = 2,
                keep_best_metric: Optional[str] = None, best_mode: str = "max",
                log_every: int = 50, progress: bool = True, tensorboard: bool = True,
-               pipeline: tuple[int, int] = (1, 1),
+               pipeline: tuple[int, int] = (1, 1), grad_accum_steps: int = 1,
+               grad_comm_dtype: Optional[str] = None,
                compilation_cache: Optional[str] = "auto", prefetch: int = 2):
     for name, value in (("num_steps", num_steps), ("eval_every", eval_every),
                         ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
@@ -142,6 +149,9 @@ class Trainer:
     self.keep_best_metric, self.progress, self.tensorboard = (keep_best_metric, progress,
                                                               tensorboard)
     self.mesh = _as_mesh(mesh)
+    self.train_step = accumulate_lib.with_gradient_options(
+        train_step, accum_steps=grad_accum_steps, comm_dtype=grad_comm_dtype,
+        mesh=self.mesh)
     self.pipeline = tuple(pipeline)
     self.rules = rules_lib.get_rules(rules)
     self.checkpointer = ckpt_lib.Checkpointer(

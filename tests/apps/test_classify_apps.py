@@ -46,3 +46,38 @@ def test_text_classify_bert_train_evaluate_predict_export(tmp_path):
   export_dir = runner.run_app({"mode": "export", "checkpointDir": ckpt,
                                "exportDirBase": str(tmp_path / "export")})
   assert os.path.basename(export_dir) == "1" and lib.exists(export_dir, "manifest.json")
+
+
+@pytest.mark.slow
+def test_multilabel_app_trains_predicts_and_exports(tmp_path):
+  rows = [(t, "pos,good") for t in lib.POSITIVE] + [(t, "neg") for t in lib.NEGATIVE]
+  train = lib.write(tmp_path / "train.tsv", rows * 2)
+  base = lib.flags(tmp_path, modelName="text_classify_bert_multilabel", inputTable=train,
+                   inputSchema="content:str:1,labels:str:1", firstSequence="content",
+                   labelName="labels")
+  assert runner.run_app(base)["step"] == 2
+  ckpt = base["checkpointDir"]
+  assert json.load(open(os.path.join(ckpt, "label_mapping.json")))["labels"] == [
+      "good", "neg", "pos"]
+  scores = runner.run_app({"mode": "evaluate", "checkpointDir": ckpt, "inputTable": train})
+  assert {"micro_f1", "macro_f1", "exact_set_accuracy"} <= set(scores)
+  out = str(tmp_path / "out.tsv")
+  runner.run_app({"mode": "predict", "checkpointDir": ckpt, "inputTable": train,
+                  "outputTable": out})
+  for row in lib.read(out):
+    probs = np.array(row[1].split(","), float)
+    logits = np.array(row[2].split(","), float)
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits)), rtol=1e-4)
+    want = [l for l, p in zip(["good", "neg", "pos"], probs) if p >= 0.5]
+    assert row[0] == ",".join(want)
+  # Not a plain classifier: the app's own versioned export.
+  first = runner.run_app({"mode": "export", "checkpointDir": ckpt,
+                          "exportDirBase": str(tmp_path / "export")})
+  second = runner.run_app({"mode": "export", "checkpointDir": ckpt,
+                           "exportDirBase": str(tmp_path / "export")})
+  assert [os.path.basename(first), os.path.basename(second)] == ["1", "2"]
+  manifest = json.load(open(os.path.join(second, "manifest.json")))
+  assert manifest["app"] == "text_classify_bert_multilabel"
+  weights = np.load(os.path.join(second, "weights.npz"))
+  assert manifest["num_parameters"] == sum(v.size for v in weights.values())
+  assert lib.exists(second, "tokenizer", "tokenizer.json")

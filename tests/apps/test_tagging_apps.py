@@ -27,8 +27,10 @@ def test_tagging_app_trains_evaluates_and_predicts(tmp_path, app):
   metrics = runner.run_app(flags)
   assert metrics["step"] == 2
   ckpt = flags["checkpointDir"]
-  scores = runner.run_app({"mode": "evaluate", "checkpointDir": ckpt, "inputTable": train})
-  assert {"precision", "recall", "f1", "token_accuracy"} <= set(scores)
+  if app == "sequence_labeling_bert_crf":  # one evaluate run keeps the suite short
+    scores = runner.run_app({"mode": "evaluate", "checkpointDir": ckpt,
+                             "inputTable": train})
+    assert {"precision", "recall", "f1", "token_accuracy"} <= set(scores)
   out = str(tmp_path / "out.tsv")
   runner.run_app({"mode": "predict", "checkpointDir": ckpt, "inputTable": train,
                   "outputTable": out, "outputSchema": "predictions",

@@ -131,7 +131,13 @@ def main() -> None:
   parser.add_argument("--debian_dir", default=os.path.join(
       os.path.dirname(ROOT), "shared", "data", "debian-descriptions"))
   parser.add_argument("--json", default=None, help="also append results to this file")
+  parser.add_argument("--write_tables", default=None,
+                      help="only write the Debian app tables into this folder")
   args = parser.parse_args()
+  if args.write_tables:
+    for name, n in debian_tables.write_tables(args.debian_dir, args.write_tables).items():
+      print(f"{os.path.join(args.write_tables, name)}: {n} rows")
+    return
   work = tempfile.mkdtemp(prefix="etjax-apps-bench-")
   data_dir = os.path.join(work, "data")
   debian_tables.write_tables(args.debian_dir, data_dir)

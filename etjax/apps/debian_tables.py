@@ -1,7 +1,7 @@
 """AppZoo tables derived from the human-labelled Debian package descriptions.
 
-    python -m etjax.apps.debian_tables --debian_dir=../shared/data/debian-descriptions \
-        --out=runs/apps_data
+    write_tables('../shared/data/debian-descriptions', 'runs/apps_data')
+    # or: python benchmarks/apps.py --write_tables=runs/apps_data
 
 writes headerless TSVs (train and dev splits follow the data's split column, which
 keeps related packages together):
@@ -31,7 +31,6 @@ questions about the same description.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -169,18 +168,3 @@ def write_tables(debian_dir: str, out: str, *, max_words: int = 40, qa_words: in
     write(f"tags_{split}.tsv", tag_rows)
     write(f"qa_{split}.tsv", qa_rows(items, qa_words))
   return counts
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--debian_dir", default=os.path.join(
-      os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-          os.path.abspath(__file__))))), "shared", "data", "debian-descriptions"))
-  parser.add_argument("--out", default="runs/apps_data")
-  args = parser.parse_args(argv)
-  for name, n in write_tables(args.debian_dir, args.out).items():
-    print(f"{os.path.join(args.out, name)}: {n} rows")
-
-
-if __name__ == "__main__":
-  main()

@@ -11,7 +11,7 @@ states keep that structure, so the trainer can shard optimizer state like parame
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -142,6 +142,73 @@ def _with_clipping(tx: optax.GradientTransformation,
   if max_grad_norm <= 0:
     raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
   return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+
+
+def path_labels(params: PyTree, patterns: Sequence[tuple[str, str]],
+                default: str) -> PyTree:
+  """A label per leaf: that of the first (regex, label) whose regex its path (see
+  `path_name`) matches, else `default`. Same structure as `params` (boxes kept)."""
+  compiled = [(re.compile(p), label) for p, label in patterns]
+
+  def label(path, _):
+    name = path_name(path)
+    return next((lab for regex, lab in compiled if regex.search(name)), default)
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _drop_empty_boxes(tree: PyTree) -> PyTree:
+  """Replaces each logical box that holds no array by its (empty) content."""
+  return jax.tree.map(lambda x: x.unbox() if _is_box(x) and not jax.tree.leaves(x) else x,
+                      tree, is_leaf=_is_box)
+
+
+def without_empty_boxes(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` whose state has no logical box around an empty node.
+
+  optax's `masked` (and so `multi_transform`) puts a MaskedNode where a parameter is
+  not its own; over boxed parameters that node sits in the parameter's box, whose axis
+  names then describe nothing and which no sharding can follow. The state keeps the
+  MaskedNode unboxed; `update` puts the boxes back (the structure `tx.init` gives for
+  these parameters) before calling `tx`, so `tx` sees exactly its own state.
+  """
+  def init_fn(params):
+    return _drop_empty_boxes(tx.init(params))
+
+  def update_fn(updates, state, params=None, **extra):
+    expected = jax.tree.structure(jax.eval_shape(
+        tx.init, updates if params is None else params))
+    full = jax.tree.unflatten(expected, jax.tree.leaves(state))
+    updates, state = tx.update(updates, full, params, **extra)
+    return updates, _drop_empty_boxes(state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def param_groups(transforms: Mapping[str, optax.GradientTransformation],
+                 patterns: Sequence[tuple[str, str]],
+                 default: str) -> optax.GradientTransformation:
+  """Several optimizers over one parameter tree: `optax.multi_transform` with leaves
+  grouped by path regexes, e.g. a small learning rate for a pretrained encoder and a
+  large one for a new head:
+
+      param_groups({'pretrained': adamw(learning_rate=2e-5, ...),
+                    'new': adamw(learning_rate=1e-3, ...)},
+                   [(r'^encoder/', 'pretrained')], default='new')
+
+  Each group's state holds optax MaskedNodes where the other groups' parameters are,
+  kept out of the parameters' logical boxes (`without_empty_boxes`), so the state
+  shards like the parameters.
+  """
+  unknown = sorted(({label for _, label in patterns} | {default}) - set(transforms))
+  if unknown:
+    raise ValueError(f"param_groups: labels {unknown} have no transform; the "
+                     f"transforms are {sorted(transforms)}")
+  return without_empty_boxes(optax.multi_transform(
+      dict(transforms), lambda params: path_labels(params, patterns, default)))
 
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {

@@ -91,6 +91,14 @@ def validate_divisibility(abstract_state: Any, mesh: Mesh, rules: Rules) -> None
   for path, box in boxes:
     if not isinstance(box, nn.Partitioned):
       continue
+    if not jax.tree.leaves(box):
+      # optax.masked / multi_transform over boxed parameters leave a MaskedNode (no
+      # array) in the box of each parameter a transform does not own.
+      problems.append(f"{path_str(path)}: a logical box {tuple(box.names)} holds no "
+                      f"array ({type(box.value).__name__}); for several optimizers "
+                      "over boxed parameters use etjax.algorithms.optim.param_groups "
+                      "(or wrap the transform in optim.without_empty_boxes)")
+      continue
     shape = tuple(jax.numpy.shape(box.value))
     names = tuple(box.names)
     if len(names) != len(shape):

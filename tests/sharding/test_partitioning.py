@@ -115,3 +115,17 @@ def test_batch_divisibility():
                      r"to: batch\['labels'\] of shape \(6,\)"):
     partitioning.validate_batch_divisibility(
         {"input_ids": IDS, "labels": jnp.zeros((6,), jnp.int32)}, mesh, rules)
+
+
+def test_empty_box_from_optax_masking_names_the_fix():
+  """Plain optax.multi_transform over boxed params leaves MaskedNodes in boxes."""
+  import optax  # pylint: disable=g-import-not-at-top
+  params = TinyClassifier().init(jax.random.PRNGKey(0), IDS)["params"]
+  tx = optax.multi_transform({"a": optax.sgd(0.1, momentum=0.9), "b": optax.sgd(0.2)},
+                             lambda p: jax.tree.map(lambda _: "b", p))
+  abstract = jax.eval_shape(tx.init, params)
+  mesh = mesh_lib.make_mesh({"data": 8})
+  with pytest.raises(ValueError, match=r"a logical box \('vocab', 'embed'\) holds no "
+                     r"array \(MaskedNode\).*optim.param_groups"):
+    partitioning.state_shardings({"opt_state": abstract}, mesh,
+                                 rules_lib.get_rules("dp"))

@@ -7,6 +7,8 @@
     etjax run     --gin_file=gin/runs/table8_feature_tl.gin   (a paper table)
     etjax plan    --model=t5-11b --mesh=data=2,fsdp=4,model=8 ...
     etjax models
+    etjax export  --workdir=/tmp/run --output=/srv/models/demo   (jax.export version)
+    etjax serve   --export_dir=/srv/models/demo [--port=8080 --api_key_env=NAME]
 
 An absl binary in the t5x manner: flags are absl flags (`etjax --helpfull` lists them
 all), `--gin_file` and `--gin_bindings` may repeat, and `--gin.NAME=VALUE` is shorthand
@@ -227,8 +229,8 @@ def _encoder(tokenizer, run: dict):
 
 
 def _job(workdir_suffix: str = "", **classifier_changes):
-  """Assembles (trainer, splits, tokenizer, encode, run) from the gin bindings. The
-  tokenizer is the workdir's saved one when there is one (see tasks.make_tokenizer)."""
+  """Assembles (trainer, splits, tokenizer, encode, run, module) from the gin bindings.
+  The tokenizer is the workdir's saved one when there is one (see tasks.make_tokenizer)."""
   from etjax.train import tasks  # pylint: disable=g-import-not-at-top
   run, model_cfg = train(), classifier()
   model_cfg.update(classifier_changes)
@@ -241,7 +243,7 @@ def _job(workdir_suffix: str = "", **classifier_changes):
   module, pretrained = _classifier(len(splits.label_names), model_cfg, tokenizer,
                                    pretrained_dir)
   trainer = _trainer(module, pretrained, run, workdir)
-  return trainer, splits, tokenizer, _encoder(tokenizer, run), run
+  return trainer, splits, tokenizer, _encoder(tokenizer, run), run, module
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -264,8 +266,9 @@ def cmd_train(workdir_suffix: str = "", **classifier_changes) -> dict:
   import contextlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from etjax.train import assets, predict_io, workdir  # pylint: disable=g-import-not-at-top
-  trainer, splits, tokenizer, encode, run = _job(workdir_suffix, **classifier_changes)
+  from etjax.train import assets, predict_io, tasks, workdir  # pylint: disable=g-import-not-at-top
+  trainer, splits, tokenizer, encode, run, module = _job(workdir_suffix,
+                                                         **classifier_changes)
   classes = sorted({ex.label for ex in splits.train})
   if len(classes) < 2:
     raise ValueError(f"the training set has one class ({splits.label_names[classes[0]]!r}"
@@ -277,6 +280,10 @@ def cmd_train(workdir_suffix: str = "", **classifier_changes) -> dict:
     schema = predict_io.input_schema(splits.schema, any(ex.text_b for ex in splits.train),
                                      splits.format)
     files = assets.job_files(tokenizer, splits.label_names, schema)
+    # model.json: what `etjax export` rebuilds the classifier from, without gin.
+    files[tasks.MODEL_SPEC] = tasks.model_spec(
+        module, max_length=run["max_length"],
+        name=classifier()["pretrained"] or classifier()["model"])
     assets.check(trainer.workdir, files)  # before anything is written
     trainer.check_resumable(_first_batch(encode, splits.train))
     trainer.write_config(gin.config_str())
@@ -298,7 +305,7 @@ def cmd_eval() -> dict:
   """Evaluates the latest checkpoint of the workdir on the eval split."""
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from etjax.train import assets  # pylint: disable=g-import-not-at-top
-  trainer, splits, _, encode, run = _job()
+  trainer, splits, _, encode, run, _ = _job()
   assets.check(trainer.workdir, {assets.LABELS: list(splits.label_names)})
   state = trainer.restore(_first_batch(encode, splits.eval))
   metrics = trainer.evaluate(state, pipeline.eval_batches(encode(splits.eval),
@@ -408,7 +415,8 @@ flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories gin files a
                           "their includes are looked up in (before the current "
                           "directory and etjax's own gin/).")
 flags.DEFINE_string("input", None, "predict: the texts to classify (TSV).")
-flags.DEFINE_string("output", None, "predict: where to write the predictions TSV.")
+flags.DEFINE_string("output", None, "predict: where to write the predictions TSV; "
+                    "export: the export directory (versions OUTPUT/1, OUTPUT/2, ...).")
 flags.DEFINE_bool("verbose", False, "Show the traceback of a user error too.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: process 0's host:port "
                     "(default: $JAX_COORDINATOR_ADDRESS).")
@@ -433,6 +441,19 @@ flags.DEFINE_string("pipeline", "1x1", "plan: STAGESxMICROBATCHES.")
 flags.DEFINE_float("device_memory_gib", None, "plan: memory per device to check the "
                    "plan against.")
 flags.DEFINE_bool("json", False, "plan: print one JSON object.")
+# `etjax export` / `etjax serve`
+flags.DEFINE_string("workdir", None, "export: the workdir of an `etjax train` run.")
+flags.DEFINE_string("export_dir", None, "serve: an export directory (its newest "
+                    "complete version is served; newer ones are picked up).")
+flags.DEFINE_string("host", "127.0.0.1", "serve: address to bind (loopback unless told "
+                    "otherwise).")
+flags.DEFINE_integer("port", 8080, "serve: TCP port.", lower_bound=0)
+flags.DEFINE_integer("max_batch_size", 32, "serve: instances run together at most.",
+                     lower_bound=1)
+flags.DEFINE_float("max_wait_ms", 5.0, "serve: how long a batch smaller than "
+                   "--max_batch_size waits for more requests.", lower_bound=0)
+flags.DEFINE_string("api_key_env", None, "serve: an environment variable holding the "
+                    "API key that /v1/* requests must send (Authorization: Bearer KEY).")
 # etjax app: EasyTransfer's flag names, parsed and checked by etjax.apps.config.
 for _name in app_config.FLAG_NAMES:
   flags.DEFINE_string(_name, None, f"app: {app_config.FLAG_HELP[_name]}.")
@@ -481,6 +502,27 @@ command("run", "run the experiment of the gin file (a paper table)")(cmd_run)
 command("plan", "per-device memory of a zoo model's train step (no gin)",
         uses_gin=False, runtime=False)(cmd_plan)
 command("models", "list the ModelZoo names", uses_gin=False, runtime=False)(cmd_models)
+
+
+@command("export", "the workdir's best (else latest) checkpoint as a new jax.export "
+         "version under --output", uses_gin=False)
+def cmd_export() -> None:
+  from etjax.serving import export  # pylint: disable=g-import-not-at-top
+  if not FLAGS.workdir or not FLAGS.output:
+    raise ValueError("export needs --workdir and --output")
+  print(f"exported {FLAGS.workdir} to {export.export_workdir(FLAGS.workdir, FLAGS.output)}")
+
+
+@command("serve", "serve --export_dir over HTTP (POST /v1/predict, GET /v1/metadata, "
+         "GET /health)", uses_gin=False)
+def cmd_serve() -> None:
+  from etjax.serving import server  # pylint: disable=g-import-not-at-top
+  if not FLAGS.export_dir:
+    raise ValueError("serve needs --export_dir")
+  config = server.ServerConfig(max_batch_size=FLAGS.max_batch_size,
+                               max_wait_ms=FLAGS.max_wait_ms,
+                               api_key=server.api_key_from_env(FLAGS.api_key_env))
+  server.serve(FLAGS.export_dir, host=FLAGS.host, port=FLAGS.port, config=config)
 
 
 @command("app", "an AppZoo application with EasyTransfer's flags (etjax app --help)")

@@ -58,7 +58,8 @@ def test_app_trains_and_predicts_through_the_command_line(tmp_path, capsys):
   assert main.run(["app", f"--gin_file={gin_file}", "--mode=train",
                    f"--inputTable={train}", "--labelName=label", "--batchSize=8",
                    "--sequenceLength=16", "--numEpochs=1", "--learningRate=0.01",
-                   "--optimizerType=lamb", f"--checkpointDir={ckpt}"]) == 0
+                   "--optimizerType=lamb", "--distributionStrategy=data=4,fsdp=2:fsdp",
+                   f"--checkpointDir={ckpt}"]) == 0
   assert '"step": 2' in capsys.readouterr().out
   out = str(tmp_path / "out.tsv")
   assert main.run(["app", "--mode=predict", f"--checkpointDir={ckpt}",

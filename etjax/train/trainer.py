@@ -24,7 +24,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -264,8 +264,10 @@ class Trainer:
 
   # --- training -----------------------------------------------------------------------
 
-  def _start(self, train_iter, first_batch: Batch) -> tuple[TrainState, int, bool]:
-    """(state, step, resumed): the latest good checkpoint, or a fresh state."""
+  def _start(self, train_iter, first_batch: Batch, start_from=None
+             ) -> tuple[TrainState, int, bool]:
+    """(state, step, resumed): the latest good checkpoint, or a fresh state (passed
+    through `start_from` when given)."""
     if self.checkpointer.all_steps():
       try:
         state, data_state, step = self.checkpointer.restore(self._abstract,
@@ -283,9 +285,14 @@ class Trainer:
         logging.info("resumed from step %d (%s)", step, self.checkpointer.directory)
         self.resumed_from = step
         return state, step, True
-    return self.init_state(first_batch), 0, False
+    state = self.init_state(first_batch)
+    if start_from is not None:
+      # e.g. a recipe's next stage starts from the previous stage's parameters.
+      state = jax.device_put(start_from(state), self.state_sharding)
+    return state, 0, False
 
-  def fit(self, train_iter: Iterable[Batch], eval_data: Any = None) -> FitResult:
+  def fit(self, train_iter: Iterable[Batch], eval_data: Any = None,
+          start_from: Optional[Callable[[TrainState], TrainState]] = None) -> FitResult:
     """Trains to `num_steps`, resuming from the workdir's latest good checkpoint.
 
     Args:
@@ -293,6 +300,9 @@ class Trainer:
         is checkpointed and restored (exact resumption).
       eval_data: batches for `evaluate` (re-iterable, or a callable returning an
         iterator), or None.
+      start_from: fresh state -> the state to start from, when the workdir has no
+        checkpoint (a recipe stage's parameters from the stage before); its structure
+        must be the fresh state's.
 
     Returns:
       A FitResult.
@@ -303,7 +313,7 @@ class Trainer:
     train_iter = iter(train_iter)
     first = next(train_iter)
     self._setup(first)
-    state, step, resumed = self._start(train_iter, first)
+    state, step, resumed = self._start(train_iter, first, start_from)
     writer = log_lib.MetricsWriter(self.workdir, tensorboard=self.tensorboard)
     if self.pipeline[0] > 1:
       bubble = bubble_fraction(*self.pipeline)

@@ -1,0 +1,57 @@
+"""Runs a recipe (etjax.algorithms.recipe): its stages one after another with the one
+Trainer, stage k in `<workdir>/<k>_<name>`, each starting from the parameters of the
+stage before. Re-running a stopped recipe resumes where it stopped: finished stages
+restore their final checkpoint (nothing is retrained), the interrupted stage resumes
+from its own latest checkpoint and data position, so the run ends with exactly the
+parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+from etjax.algorithms.recipe import Stage, carry_params
+from etjax.train.trainer import FitResult, Trainer
+
+
+def stage_dirs(workdir: str, stages: Sequence[Stage]) -> list[str]:
+  """The sub-workdir of each stage: '<workdir>/<k>_<name>'.
+
+  Raises:
+    ValueError: for a name that is not a plain file name, or a repeated name.
+  """
+  names = [s.name for s in stages]
+  for name in names:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+      raise ValueError(f"recipe stage name {name!r} must be a plain file name "
+                       "(letters, digits, '_', '.', '-')")
+  if len(set(names)) != len(names):
+    raise ValueError(f"recipe stage names repeat: {names}")
+  return [os.path.join(workdir, f"{k}_{name}") for k, name in enumerate(names)]
+
+
+def run_recipe(stages: Sequence[Stage], workdir: str, **trainer_kwargs
+               ) -> list[FitResult]:
+  """Trains every stage; returns each stage's FitResult (the last is the recipe's).
+
+  Args:
+    stages: the recipe.
+    workdir: the recipe's directory; each stage has its own below it.
+    **trainer_kwargs: Trainer options shared by the stages (mesh, rules, seed,
+      checkpoint_every, ...).
+  """
+  if not stages:
+    raise ValueError("run_recipe: a recipe needs at least one stage")
+  results: list[FitResult] = []
+  for stage, directory in zip(stages, stage_dirs(workdir, stages)):
+    trainer = Trainer(stage.step, workdir=directory, num_steps=stage.num_steps,
+                      **trainer_kwargs)
+    start_from = None
+    if results:
+      previous, carry = results[-1].state, stage.carry or carry_params
+      start_from = lambda fresh, previous=previous, carry=carry: carry(previous, fresh)
+    results.append(trainer.fit(stage.train_data(), stage.eval_data,
+                               start_from=start_from))
+  return results

@@ -163,6 +163,7 @@ def test_a_second_trainer_is_refused_and_a_dead_holders_lock_taken_over(tmp_path
 # --- 4. NaN stops ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_non_zero_and_keeps_only_finite_checkpoints(tmp_path,
                                                                           capsys):
   run_dir = str(tmp_path / "nan")
@@ -249,6 +250,7 @@ def test_predict_keeps_one_row_per_input_row(trained, tmp_path):
   assert rows[1][1] in ("negative", "positive") and rows[4][1] in ("negative", "positive")
 
 
+@pytest.mark.slow
 def test_predict_reads_a_labelled_file_in_the_training_format(tmp_path, capsys):
   train_file, eval_file = tmp_path / "train.tsv", tmp_path / "dev.tsv"
   lines = ["id\tsentence\tgold"] + [
@@ -265,7 +267,9 @@ def test_predict_reads_a_labelled_file_in_the_training_format(tmp_path, capsys):
            "--gin.data.label='gold'"]
   assert main.run(["train"] + args) == 0, capsys.readouterr().err
   outputs = tmp_path / "out.tsv"
-  # The training file itself: header recognised, text read from 'sentence' only, the
+  # predict needs only the workdir: not the training data.
+  train_file.unlink()
+  # The dev file in the training format: header recognised, text read from 'sentence' only, the
   # id and the gold label carried through.
   assert main.run(["predict", "--input", str(eval_file), "--output", str(outputs)] +
                   args) == 0, capsys.readouterr().err

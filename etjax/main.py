@@ -334,7 +334,9 @@ def cmd_predict(input_path: str, output_path: str, workdir_suffix: str = "") -> 
   trainer = _trainer(module, None, run, workdir)
   encode = _encoder(tokenizer, run)
   examples = inputs.examples()
-  state = trainer.restore(_first_batch(encode, examples))
+  batch = _first_batch(encode, examples)
+  trainer.check_resumable(batch)
+  state = trainer.restore(batch)
   out = trainer.predict(state, pipeline.eval_batches(encode(examples),
                                                      run["eval_batch_size"]))
   predict_io.write_predictions(output_path, inputs, out["predictions"],

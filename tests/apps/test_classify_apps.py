@@ -46,6 +46,11 @@ def test_text_classify_bert_train_evaluate_predict_export(tmp_path):
   export_dir = runner.run_app({"mode": "export", "checkpointDir": ckpt,
                                "exportDirBase": str(tmp_path / "export")})
   assert os.path.basename(export_dir) == "1" and lib.exists(export_dir, "manifest.json")
+  # The serving loader reproduces the app's predictions from the export.
+  from etjax.serving import loader  # pylint: disable=g-import-not-at-top
+  served = loader.load_export(export_dir).predict(lib.POSITIVE[:3])
+  want = np.array([[float(v) for v in row[2].split(",")] for row in rows])
+  np.testing.assert_allclose(served["logits"], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

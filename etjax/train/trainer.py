@@ -195,18 +195,23 @@ class Trainer:
                               out_shardings=replicated)
 
   def _host_batch(self, batch: Batch) -> dict:
-    # Text columns (kept by some pipelines for `predict` output) stay on the host.
-    return {k: np.asarray(v) for k, v in batch.items() if _is_array_field(v)}
+    # Text columns (kept by some pipelines for `predict` output) stay on the host. A
+    # batch may nest named streams ({'source': {...}, 'target': {...}}), each sharded
+    # over 'batch' like a flat one.
+    return {k: self._host_batch(v) if isinstance(v, Mapping) else np.asarray(v)
+            for k, v in batch.items() if isinstance(v, Mapping) or _is_array_field(v)}
 
   def _device_batch(self, batch: Batch) -> dict:
     batch = self._host_batch(batch)
-    size = next(iter(batch.values())).shape[0]
-    if size % self._batch_multiple:
-      raise ValueError(f"batch size {size} (per process) is not divisible by the "
-                       f"{self._batch_multiple} batch shards of mesh "
-                       f"{dict(self.mesh.shape)} under the 'batch' rule")
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+      size = leaf.shape[0]
+      if size % self._batch_multiple:
+        stream = f" of batch{jax.tree_util.keystr(path[:-1])}" if len(path) > 1 else ""
+        raise ValueError(f"batch size {size}{stream} (per process) is not divisible by "
+                         f"the {self._batch_multiple} batch shards of mesh "
+                         f"{dict(self.mesh.shape)} under the 'batch' rule")
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v), batch)
 
   def init_state(self, example_batch: Batch) -> TrainState:
     """A fresh TrainState from `train_step.init`, laid out on the mesh."""
@@ -461,8 +466,9 @@ def _all_finite(state) -> jax.Array:
   return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
 
 
-def _global_size(batch: Mapping[str, jax.Array]) -> int:
-  return int(next(iter(batch.values())).shape[0])
+def _global_size(batch: Mapping[str, Any]) -> int:
+  # Of the first stream for a batch of named streams.
+  return int(jax.tree.leaves(batch)[0].shape[0])
 
 
 def _axes(entry) -> tuple[str, ...]:

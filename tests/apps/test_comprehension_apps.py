@@ -1,6 +1,7 @@
 """Reading comprehension apps train a few steps and predict through the runner; long
 contexts are cut into strided windows and the answers mapped back to the text."""
 
+import numpy as np
 import pytest
 
 from etjax.apps import runner
@@ -40,3 +41,58 @@ def test_comprehension_app_trains_evaluates_and_predicts(tmp_path, app):
   for row in rows:
     assert row[0] in CONTEXT and len(row[0].split()) <= 6
     assert 0 < float(row[1]) <= 1
+
+
+def _context(app_name, advanced):
+  from etjax.apps import base, config, registry  # pylint: disable=g-import-not-at-top
+  from etjax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  cfg = config.AppConfig.from_flags({
+      "mode": "train", "modelName": app_name, "checkpointDir": "unused",
+      "inputTable": "t.tsv", "sequenceLength": 24,
+      "inputSchema": "question:str:1,context:str:1,answer:str:1,history:str:1",
+      "firstSequence": "question", "secondSequence": "context", "labelName": "answer",
+      "advancedParameters": advanced})
+  app = registry.get_app(app_name)
+  tok = tokenizers.build_wordpiece_tokenizer([CONTEXT] + [q for q, *_ in ROWS], 300)
+  return app, base.Context(cfg, app.resolve_advanced(cfg.advanced_parameters), tok)
+
+
+def _rows():
+  from etjax.apps.table import Row  # pylint: disable=g-import-not-at-top
+  names = ("question", "context", "answer", "history")
+  return [Row("t.tsv", i + 1, dict(zip(names, r)), dict(zip(names, r)))
+          for i, r in enumerate(ROWS)]
+
+
+def test_windows_point_at_the_answer_tokens_or_cls():
+  app, ctx = _context("text_comprehension_bert", "doc_stride=6 max_query_length=8")
+  data = app.encode(_rows(), ctx, with_labels=True)
+  tok = ctx.tokenizer
+  assert (np.bincount(data["feature_row"]) > 1).all()  # long contexts: several windows
+  for i, (_, _, answer, _) in enumerate(ROWS):
+    feats = np.flatnonzero(data["feature_row"] == i)
+    found = [f for f in feats if data["labels"][f, 0] > 0]
+    assert found  # some window holds the whole answer
+    for f in feats:
+      s, e = data["labels"][f]
+      if s == 0:
+        assert e == 0
+        continue
+      assert data["token_type_ids"][f, s] == 1  # inside the context part
+      assert tok.decode(data["input_ids"][f, s:e + 1]).replace(" ", "") == \
+          answer.replace(" ", "")
+
+
+def test_hae_marks_tokens_of_earlier_answers():
+  app, ctx = _context("text_comprehension_bert_hae",
+                      "doc_stride=6 max_query_length=8 history_column=history")
+  data = app.encode(_rows(), ctx, with_labels=True)
+  tok = ctx.tokenizer
+  for i, (_, _, _, history) in enumerate(ROWS):
+    marked = set()
+    for f in np.flatnonzero(data["feature_row"] == i):
+      types = data["token_type_ids"][f]
+      assert set(types[data["attention_mask"][f] > 0]) <= {0, 1, 3}
+      marked |= {tok.decode([t]) for t in data["input_ids"][f][types == 3]}
+    want = {p for h in history.split("||") for p in tok.tokenize(h)}
+    assert {m.replace("##", "") for m in marked} == {w.replace("##", "") for w in want}

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,7 +35,9 @@ import numpy as np
 import optax
 
 from etjax.algorithms import peft_sites
-from etjax.algorithms.finetune import with_pretrained
+from etjax.algorithms.finetune import (classifier_loss, init_params, model_inputs,
+                                       step_from_loss, with_pretrained)
+from etjax.algorithms.step import TrainStep
 from etjax.models.config import raise_failed
 from etjax.models.layers import ACTIVATIONS
 
@@ -172,6 +174,21 @@ class PeftModel:
       return self.module.apply({**variables, "params": params}, *args, **kwargs)
 
 
+  def init_prompt(self, params: Any, rng: jax.Array, batch: Any) -> Any:
+    """`params` with the soft prompt drawn anew from the inputs the encoder's layers
+    see for `batch` under these params (init 'tokens'), e.g. once pretrained weights
+    are in: `init` runs on fresh random weights, whose embeddings are not the ones
+    the prompt should start from."""
+    flat = peft_sites.flatten(params)
+    prompt_keys = [k for k in flat if re.search(OWN_PARAMS["prompt"], k)]
+    rest = peft_sites.unflatten({k: v for k, v in flat.items() if k not in prompt_keys})
+    with nn.intercept_methods(self._interceptor(True, [])):
+      _, fresh = self.module.apply({"params": rest}, *model_inputs(batch),
+                                   rngs={"params": rng}, mutable=["params"])
+    fresh = peft_sites.flatten(fresh["params"])
+    return peft_sites.unflatten({**flat, **{k: fresh[k] for k in prompt_keys}})
+
+
 def freeze(tx: optax.GradientTransformation,
            is_trainable: Callable[[str], bool]) -> optax.GradientTransformation:
   """Runs `tx` on the trainable leaves only; frozen leaves get zero updates and no
@@ -196,6 +213,27 @@ def transform(model: nn.Module, tx: optax.GradientTransformation,
   """(model with the method attached, `tx` on its trainable parameters only)."""
   peft_model = PeftModel(model, config)
   return peft_model, freeze(tx, peft_model.is_trainable)
+
+
+def finetune(model: nn.Module, tx: optax.GradientTransformation, config: PeftConfig,
+             *, pretrained: Optional[Mapping[str, Any]] = None,
+             label_smoothing: float = 0.0) -> TrainStep:
+  """`algorithms.finetune` of the transformed pair; with pretrained weights and a
+  prompt initialised from tokens, the prompt is drawn from the pretrained embeddings.
+
+  Returns:
+    A TrainStep whose state's params hold base and PEFT parameters (frozen ones
+    unchanged by updates) and whose opt_state covers the trainable ones only.
+  """
+  peft_model, peft_tx = transform(model, tx, config)
+
+  def init_fn(rng, batch):
+    params = init_params(peft_model, rng, batch, pretrained)
+    if pretrained and config.method == "prompt" and config.prompt_init == "tokens":
+      params = peft_model.init_prompt(params, jax.random.fold_in(rng, 1), batch)
+    return params
+
+  return step_from_loss(classifier_loss(peft_model, label_smoothing), init_fn, peft_tx)
 
 
 def trainable_params(params: Any, is_trainable: Callable[[str], bool]) -> dict:
@@ -291,6 +329,6 @@ def config_from_flags(method: str, **settings) -> Optional[PeftConfig]:
 
 
 __all__: Sequence[str] = (
-    "PeftConfig", "PeftModel", "freeze", "transform", "trainable_params",
+    "PeftConfig", "PeftModel", "freeze", "transform", "finetune", "trainable_params",
     "merge_trainable", "merge_lora", "save_trainable", "load_trainable", "count_params",
     "tree_bytes", "trainable_summary", "config_from_flags", "METHODS")

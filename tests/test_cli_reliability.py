@@ -4,6 +4,7 @@ finite checkpoints, one-line errors, predict rows that line up with the input.""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,6 +178,8 @@ def test_a_diverging_run_stops_non_zero_and_keeps_only_finite_checkpoints(tmp_pa
   steps_dir = os.path.join(run_dir, "checkpoints")
   steps = [d for d in os.listdir(steps_dir) if d.isdigit()] if os.path.isdir(
       steps_dir) else []
+  kept = re.search(r"checkpoint, step (\d+), is kept", message)
+  assert kept and max(steps, key=int) == kept.group(1), (message, steps)
   for step in steps:
     for leaf in _leaves(_saved_state(os.path.join(steps_dir, step))):
       if np.issubdtype(leaf.dtype, np.floating):

@@ -110,40 +110,50 @@ def mesh(spec: str = "data=-1", rules: str = "dp"):
 
 
 @gin.configurable
-def transfer(peft: str = "none", lora_rank: int = 8, lora_alpha: float = 16.0,
-             lora_dropout: float = 0.0, lora_targets: Sequence[str] = ("query", "value"),
-             adapter_size: int = 64, prompt_length: int = 20,
-             peft_train: Optional[Sequence[str]] = None):
-  """Parameter-efficient fine-tuning (etjax.algorithms.peft): peft = 'none', 'lora',
-  'adapter' or 'prompt'; peft_train: regexes of base parameters trained as well
-  (None: the head, plus layer norms for adapters). Returns a PeftConfig or None."""
-  from etjax.algorithms import peft as peft_lib  # pylint: disable=g-import-not-at-top
-  try:
-    return peft_lib.config_from_flags(
-        peft, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_targets=tuple(lora_targets), adapter_size=adapter_size,
-        prompt_length=prompt_length, train=peft_train)
-  except ValueError as e:
-    raise ValueError(f"transfer: {e}") from e
-
-
-@gin.configurable
-def train(workdir: str = gin.REQUIRED, num_steps: int = 100, batch_size: int = 32,
-          eval_batch_size: int = 64, max_length: int = 64, seed: int = 0,
-          eval_every: int = 0, checkpoint_every: int = 0,
+def train(workdir: str = gin.REQUIRED, num_steps: Optional[int] = None,
+          batch_size: int = 32, eval_batch_size: int = 64, max_length: int = 64,
+          seed: int = 0, eval_every: int = 0, checkpoint_every: int = 0,
           keep_best_metric: Optional[str] = "accuracy", log_every: int = 10,
-          progress: bool = True):
-  """Run settings (the counts must be integers: 5.5 steps is refused, not rounded)."""
+          progress: bool = True, num_epochs: Optional[int] = None,
+          compute_dtype: str = "bfloat16", length_buckets: int = 4,
+          group_by_length: int = 16, compilation_cache: Optional[str] = "auto",
+          prefetch: int = 2):
+  """Run settings (the counts must be integers: 5.5 steps is refused, not rounded).
+
+  num_steps or num_epochs (passes over the training set, ceil(N / batch_size) updates
+  each) sets the run's length; at most one of the two (neither: 100 steps).
+  compute_dtype: the model's activation dtype; parameters, optimizer state and
+  accumulations stay float32 (bfloat16 matched float32's accuracy on the Debian task,
+  benchmarks/RESULTS.md). length_buckets: batches are padded to one of this many
+  lengths up to max_length (0: always max_length); group_by_length: windows of this
+  many batches are regrouped by length (1: off). compilation_cache: jax's persistent
+  cache directory ('auto': ~/.cache/etjax/jax-cache or $ETJAX_COMPILATION_CACHE;
+  None: off). prefetch: batches put on the devices ahead (0: none).
+  """
+  if num_steps is not None and num_epochs is not None:
+    raise ValueError(f"train.num_steps = {num_steps} and train.num_epochs = "
+                     f"{num_epochs}: set one of the two, not both")
+  if num_steps is None and num_epochs is None:
+    num_steps = 100
   for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
                       ("eval_batch_size", eval_batch_size), ("max_length", max_length),
                       ("seed", seed), ("eval_every", eval_every),
-                      ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+                      ("checkpoint_every", checkpoint_every), ("log_every", log_every),
+                      ("num_epochs", num_epochs), ("length_buckets", length_buckets),
+                      ("group_by_length", group_by_length), ("prefetch", prefetch)):
+    if name in ("num_steps", "num_epochs") and value is None:
+      continue
     if isinstance(value, bool) or not isinstance(value, int):
       raise ValueError(f"train.{name} = {value!r}: expected an integer")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"train.num_epochs = {num_epochs}: expected a positive integer")
   return dict(workdir=workdir, num_steps=num_steps, batch_size=batch_size,
               eval_batch_size=eval_batch_size, max_length=max_length, seed=seed,
               eval_every=eval_every, checkpoint_every=checkpoint_every,
-              keep_best_metric=keep_best_metric, log_every=log_every, progress=progress)
+              keep_best_metric=keep_best_metric, log_every=log_every, progress=progress,
+              num_epochs=num_epochs, compute_dtype=compute_dtype,
+              length_buckets=length_buckets, group_by_length=group_by_length,
+              compilation_cache=compilation_cache, prefetch=prefetch)
 
 
 @gin.configurable
@@ -225,24 +235,30 @@ def _trainer(module, pretrained, run: dict, workdir: str):
   from etjax import algorithms  # pylint: disable=g-import-not-at-top
   from etjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
   opt = optimizer()
+  # num_steps is None only where nothing trains (predict: the schedule is unused).
+  total = run["num_steps"] or 1
   tx = algorithms.make_optimizer(
-      opt["name"], learning_rate=opt["learning_rate"], total_steps=run["num_steps"],
-      warmup_steps=int(opt["warmup_fraction"] * run["num_steps"]),
+      opt["name"], learning_rate=opt["learning_rate"], total_steps=total,
+      warmup_steps=int(opt["warmup_fraction"] * total),
       weight_decay=opt["weight_decay"], max_grad_norm=opt["max_grad_norm"])
-  peft_config = transfer()
-  if peft_config is None:
-    step = algorithms.finetune(module, tx, pretrained=pretrained)
-  else:
-    from etjax.algorithms import peft  # pylint: disable=g-import-not-at-top
-    step = peft.finetune(module, tx, peft_config, pretrained=pretrained)
+  step = algorithms.finetune(module, tx, pretrained=pretrained)
   spec, rules = mesh()
   config = module.encoder.config
-  return Trainer(step, workdir=workdir, num_steps=run["num_steps"], mesh=spec,
+  return Trainer(step, workdir=workdir, num_steps=total, mesh=spec,
                  rules=rules, seed=run["seed"], eval_every=run["eval_every"],
                  checkpoint_every=run["checkpoint_every"],
                  keep_best_metric=run["keep_best_metric"], log_every=run["log_every"],
                  progress=run["progress"],
-                 pipeline=(config.pipeline_stages, config.pipeline_microbatches))
+                 pipeline=(config.pipeline_stages, config.pipeline_microbatches),
+                 compilation_cache=run["compilation_cache"], prefetch=run["prefetch"])
+
+
+def _buckets(run: dict):
+  """The batch lengths of `train.length_buckets` (None: pad to max_length)."""
+  from etjax.data import bucketing  # pylint: disable=g-import-not-at-top
+  if not run["length_buckets"]:
+    return None
+  return bucketing.bucket_lengths(run["max_length"], run["length_buckets"])
 
 
 def _encoder(tokenizer, run: dict):
@@ -257,7 +273,11 @@ def _job(workdir_suffix: str = "", **classifier_changes):
   from etjax.train import tasks  # pylint: disable=g-import-not-at-top
   run, model_cfg = train(), classifier()
   model_cfg.update(classifier_changes)
+  # train.compute_dtype is the default; classifier.overrides may still set a dtype.
+  model_cfg["overrides"] = {"dtype": run["compute_dtype"], **(model_cfg["overrides"] or {})}
   splits = data()
+  if run["num_epochs"] is not None:
+    run["num_steps"] = run["num_epochs"] * -(-len(splits.train) // run["batch_size"])
   workdir = _workdir(run, workdir_suffix)
   pretrained_dir = (tasks.resolve_pretrained(model_cfg["pretrained"])
                     if model_cfg["pretrained"] else None)
@@ -313,8 +333,10 @@ def cmd_train(workdir_suffix: str = "", **classifier_changes) -> dict:
     if primary:
       assets.save(trainer.workdir, files)
     train_iter = pipeline.train_iterator(encode(splits.train), run["batch_size"],
-                                         seed=run["seed"])
-    eval_data = pipeline.eval_batches(encode(splits.eval), run["eval_batch_size"])
+                                         seed=run["seed"], buckets=_buckets(run),
+                                         group_batches=run["group_by_length"])
+    eval_data = pipeline.eval_batches(encode(splits.eval), run["eval_batch_size"],
+                                      buckets=_buckets(run), sort_by_length=True)
     result = trainer.fit(train_iter, eval_data)
     metrics = result.eval_metrics or trainer.evaluate(result.state, eval_data)
   resumed = getattr(trainer, "resumed_from", None)
@@ -331,8 +353,9 @@ def cmd_eval() -> dict:
   trainer, splits, _, encode, run, _ = _job()
   assets.check(trainer.workdir, {assets.LABELS: list(splits.label_names)})
   state = trainer.restore(_first_batch(encode, splits.eval))
-  metrics = trainer.evaluate(state, pipeline.eval_batches(encode(splits.eval),
-                                                          run["eval_batch_size"]))
+  metrics = trainer.evaluate(state, pipeline.eval_batches(
+      encode(splits.eval), run["eval_batch_size"], buckets=_buckets(run),
+      sort_by_length=True))
   print(_format_metrics(metrics))
   return metrics
 

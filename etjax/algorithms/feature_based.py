@@ -41,7 +41,7 @@ from etjax.algorithms.reversal import grl_schedule
 from etjax.algorithms.shared_private import (SharedPrivateClassifier,
                                              shared_head_weights)
 from etjax.algorithms.step import (Batch, TrainState, TrainStep, apply_gradients,
-                                   next_rng, unbox)
+                                   gradient_step, unbox)
 
 EncoderFactory = Callable[[], nn.Module]
 
@@ -145,17 +145,9 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
     TrainStep over FeatureTLState. Metrics: loss, grad_norm, the aux scalars, and for
     DRSS 'omega/i_j', the correlation of domains i < j under Omega.
   """
-  if drss_weight and not model.domain_heads:
-    raise ValueError("drss_weight > 0 needs per-domain heads (domain_heads=True)")
-  if adversarial_weight and model.discriminator_hidden is None:
-    raise ValueError("adversarial_weight > 0 needs a discriminator "
-                     "(discriminator_hidden=int)")
-  if difference_weight and not model.private:
-    raise ValueError("difference_weight > 0 needs private encoders")
-  if omega_every < 1:
-    raise ValueError(f"omega_every must be >= 1, got {omega_every}")
-  if grl_warmup_steps < 0:
-    raise ValueError(f"grl_warmup_steps must be >= 0, got {grl_warmup_steps}")
+  _check_config(model, difference_weight=difference_weight,
+                adversarial_weight=adversarial_weight, drss_weight=drss_weight,
+                omega_every=omega_every, grl_warmup_steps=grl_warmup_steps)
   k = model.num_domains
   loss_fn = feature_tl_loss(model, difference_weight=difference_weight,
                             adversarial_weight=adversarial_weight,
@@ -172,34 +164,21 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
     return FeatureTLState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng, omega=omega)
 
-  def current_grl_scale(step):
-    if not grl_warmup_steps:
-      return jnp.float32(grl_scale)
-    return grl_scale * grl_schedule(jnp.minimum(step / grl_warmup_steps, 1.0))
-
-  def update(state, batch):
-    step_rng, rng = next_rng(state)
-    lam = current_grl_scale(state.step)
+  def grad(state, batch, rng):
+    lam = _grl_scale(state.step, grl_scale, grl_warmup_steps)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, step_rng, False, state.omega, lam)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    metrics.update({n: v for n, v in aux.items() if jnp.ndim(v) == 0})
-    new_state = apply_gradients(state, grads, tx, rng=rng)
-    if drss_weight:
-      w_dk = shared_head_weights(unbox(new_state.params))
-      # Omega does not depend on W's scale; dividing W by its norm makes the ridge
-      # relative, so W^T W's smallest eigenvalues stay above omega_eps of the total
-      # and Omega^-1 in the next gradient step stays bounded whatever W's scale.
-      fresh = omega_closed_form(w_dk / jnp.maximum(jnp.linalg.norm(w_dk), 1e-12),
-                                eps=omega_eps)
-      omega = jnp.where(new_state.step % omega_every == 0, fresh, state.omega)
-      new_state = new_state.replace(omega=omega)
-      corr = omega_correlation(omega)
-      metrics.update({f"omega/{i}_{j}": corr[i, j]
-                      for i in range(k) for j in range(i + 1, k)})
+        state.params, batch, rng, False, state.omega, lam)
+    metrics = {"loss": loss, **{n: v for n, v in aux.items() if jnp.ndim(v) == 0}}
     if adversarial_weight:
       metrics["grl_scale"] = lam
-    return new_state, metrics
+    return grads, metrics
+
+  def apply(state, grads, rng):
+    new_state = apply_gradients(state, grads, tx, rng=rng)
+    if not drss_weight:
+      return new_state, {}
+    omega, metrics = _omega_update(new_state, state.omega, omega_every, omega_eps)
+    return new_state.replace(omega=omega), metrics
 
   def predict(state, batch):
     batch = dict(batch)
@@ -208,7 +187,46 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
     _, aux = loss_fn(state.params, batch, state.rng, True, state.omega, 0.0)
     return {"logits": aux["logits"], "features": aux["features"]}
 
-  return TrainStep(init=init, update=update, predict=predict)
+  return gradient_step(init, grad, apply, predict)
+
+
+def _check_config(model, *, difference_weight, adversarial_weight, drss_weight,
+                  omega_every, grl_warmup_steps) -> None:
+  """Raises ValueError for a loss term the model has no parts for, or bad counts."""
+  if drss_weight and not model.domain_heads:
+    raise ValueError("drss_weight > 0 needs per-domain heads (domain_heads=True)")
+  if adversarial_weight and model.discriminator_hidden is None:
+    raise ValueError("adversarial_weight > 0 needs a discriminator "
+                     "(discriminator_hidden=int)")
+  if difference_weight and not model.private:
+    raise ValueError("difference_weight > 0 needs private encoders")
+  if omega_every < 1:
+    raise ValueError(f"omega_every must be >= 1, got {omega_every}")
+  if grl_warmup_steps < 0:
+    raise ValueError(f"grl_warmup_steps must be >= 0, got {grl_warmup_steps}")
+
+
+def _grl_scale(step, grl_scale: float, warmup_steps: int) -> jax.Array:
+  """The gradient-reversal lambda at `step`: constant, or Ganin's ramp over warmup."""
+  if not warmup_steps:
+    return jnp.float32(grl_scale)
+  return grl_scale * grl_schedule(jnp.minimum(step / warmup_steps, 1.0))
+
+
+def _omega_update(new_state, omega, omega_every: int, omega_eps: float):
+  """DRSS's alternating step: Omega in closed form from the updated shared-head
+  weights every `omega_every` steps (else kept). Returns (Omega, metrics with the
+  domain correlations 'omega/i_j' under it)."""
+  w_dk = shared_head_weights(unbox(new_state.params))
+  # Omega does not depend on W's scale; dividing W by its norm makes the ridge
+  # relative, so W^T W's smallest eigenvalues stay above omega_eps of the total
+  # and Omega^-1 in the next gradient step stays bounded whatever W's scale.
+  fresh = omega_closed_form(w_dk / jnp.maximum(jnp.linalg.norm(w_dk), 1e-12),
+                            eps=omega_eps)
+  omega = jnp.where(new_state.step % omega_every == 0, fresh, omega)
+  corr = omega_correlation(omega)
+  k = omega.shape[0]
+  return omega, {f"omega/{i}_{j}": corr[i, j] for i in range(k) for j in range(i + 1, k)}
 
 
 def domain_relationships(state: FeatureTLState) -> np.ndarray:

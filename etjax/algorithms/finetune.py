@@ -133,7 +133,7 @@ def step_from_loss(loss_fn: LossFn, init_fn: Callable[[jax.Array, Batch], Any],
     return grads, metrics
 
   def apply(state, grads, rng):
-    return apply_gradients(state, grads, tx, rng=rng)
+    return apply_gradients(state, grads, tx, rng=rng), {}
 
   def predict(state, batch):
     _, aux = loss_fn(state.params, _with_dummy_labels(batch), state.rng, True)

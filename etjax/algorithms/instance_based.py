@@ -30,7 +30,8 @@ Each update sees a source batch, a target batch and a target development batch:
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Optional
+import dataclasses
+from typing import Any, Mapping, Optional
 
 import flax
 import flax.linen as nn
@@ -47,6 +48,7 @@ from etjax.algorithms.reversal import gradient_reversal
 from etjax.algorithms.step import (Batch, TrainState, TrainStep, apply_gradients,
                                    next_rng)
 from etjax.algorithms.tl_modules import DomainDiscriminator
+from etjax.data.streams import NamedStreams, named_streams
 
 PyTree = Any
 PARTS = ("source", "target", "dev")
@@ -174,111 +176,120 @@ def selection_step(classifier: nn.Module, tx: optax.GradientTransformation,
   if (adversarial_weight or immediate_weight) and discriminator_hidden is None:
     raise ValueError("adversarial_weight / immediate_weight need a discriminator "
                      "(discriminator_hidden=int)")
-  mgtl = discriminator_hidden is not None
-  model = SelectionTLModel(classifier, discriminator_hidden)
-  selector = SelectorPolicy(hidden=selector_hidden)
+  parts = _Selection(
+      SelectionTLModel(classifier, discriminator_hidden),
+      SelectorPolicy(hidden=selector_hidden), tx, selector_tx, dev_metric=dev_metric,
+      reward=reward, baseline_decay=baseline_decay, normalize_rewards=normalize_rewards,
+      entropy_weight=entropy_weight, adversarial_weight=adversarial_weight,
+      immediate_weight=immediate_weight, grl_scale=grl_scale,
+      label_smoothing=label_smoothing, pretrained=pretrained)
+  return TrainStep(init=parts.init, update=parts.update, predict=parts.predict)
 
-  def forward(params, part, *, deterministic, rng=None):
-    return model.apply({"params": params}, *model_inputs(part),
-                       deterministic=deterministic, grl_scale=grl_scale,
-                       rngs={"dropout": rng} if rng is not None else {})
 
-  def selector_inputs(params, part):
+_TL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Selection:
+  """The pieces of a selection step, one screen each; fields as `selection_step`."""
+  model: SelectionTLModel
+  selector: SelectorPolicy
+  tx: optax.GradientTransformation
+  selector_tx: optax.GradientTransformation
+  dev_metric: str
+  reward: str
+  baseline_decay: float
+  normalize_rewards: bool
+  entropy_weight: float
+  adversarial_weight: float
+  immediate_weight: float
+  grl_scale: float
+  label_smoothing: float
+  pretrained: Optional[Mapping[str, Any]]
+
+  @property
+  def mgtl(self) -> bool:
+    return self.model.discriminator_hidden is not None
+
+  def forward(self, params, part, *, deterministic, rng=None):
+    return self.model.apply({"params": params}, *model_inputs(part),
+                            deterministic=deterministic, grl_scale=self.grl_scale,
+                            rngs={"dropout": rng} if rng is not None else {})
+
+  def selector_inputs(self, params, part):
     """[B, H + C + 1 (+1)] what the selector sees of each labeled example."""
     logits_bc, features_bh, target_logit_b = jax.lax.stop_gradient(
-        forward(params, part, deterministic=True))
+        self.forward(params, part, deterministic=True))
     loss_b = _per_example_ce(logits_bc, part["labels"])
     cols = [features_bh.astype(jnp.float32), jax.nn.softmax(logits_bc), loss_b[:, None]]
-    if mgtl:
+    if self.mgtl:
       cols.append(jax.nn.sigmoid(target_logit_b)[:, None])
     return jnp.concatenate(cols, -1), target_logit_b
 
-  def dev_value(params, dev):
-    logits_bc, _, _ = forward(params, dev, deterministic=True)
+  def dev_value(self, params, dev):
+    logits_bc, _, _ = self.forward(params, dev, deterministic=True)
     w = _weights(dev)
-    if dev_metric == "accuracy":
+    if self.dev_metric == "accuracy":
       return weighted_accuracy(logits_bc, dev["labels"], w)
     return -weighted_cross_entropy(logits_bc, dev["labels"], w)
 
-  def init(rng, batch):
+  def init(self, rng, batch):
     if isinstance(batch, Mapping) and "source" in batch:
       batch = batch["source"]
     model_rng, selector_rng, state_rng = jax.random.split(rng, 3)
-    params = model.init({"params": model_rng, "dropout": model_rng},
-                        *model_inputs(batch))["params"]
-    if pretrained:
-      params = with_pretrained(params, pretrained)
-    x_bf, _ = selector_inputs(params, {**batch, "labels": jnp.zeros(
+    params = self.model.init({"params": model_rng, "dropout": model_rng},
+                             *model_inputs(batch))["params"]
+    if self.pretrained:
+      params = with_pretrained(params, self.pretrained)
+    x_bf, _ = self.selector_inputs(params, {**batch, "labels": jnp.zeros(
         batch["input_ids"].shape[:1], jnp.int32)})
-    selector_params = selector.init(selector_rng, x_bf)["params"]
+    selector_params = self.selector.init(selector_rng, x_bf)["params"]
     return SelectionState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=state_rng,
+                          opt_state=self.tx.init(params), rng=state_rng,
                           selector_params=selector_params,
-                          selector_opt_state=selector_tx.init(selector_params),
+                          selector_opt_state=self.selector_tx.init(selector_params),
                           baseline=jnp.zeros((), jnp.float32),
                           reward_var=jnp.ones((), jnp.float32))
 
-  def update(state, batch):
-    _check_batch(batch)
-    src, tgt, dev = batch["source"], batch["target"], batch["dev"]
-    step_rng, rng = next_rng(state)
-    sample_rng, dropout_rng = jax.random.split(step_rng)
-    valid_b = (_weights(src) > 0).astype(jnp.float32)
+  def tl_loss(self, params, both, w_b, is_target_b, rng):
+    """The TL model's loss on target + weighted source rows: (loss, aux)."""
+    logits_bc, _, d_logit_b = self.forward(params, both, deterministic=False, rng=rng)
+    task = weighted_cross_entropy(logits_bc, both["labels"], w_b, self.label_smoothing)
+    aux = {"task_loss": task, "accuracy": weighted_accuracy(logits_bc, both["labels"], w_b)}
+    loss = task
+    if self.mgtl:
+      d_logits_b2 = jnp.stack([jnp.zeros_like(d_logit_b), d_logit_b], -1)
+      domain_loss = weighted_cross_entropy(d_logits_b2, is_target_b, w_b)
+      aux["domain_loss"] = domain_loss
+      aux["domain_accuracy"] = weighted_accuracy(d_logits_b2, is_target_b, w_b)
+      loss = loss + self.adversarial_weight * domain_loss
+    return loss, aux
 
-    # 1. The selector acts on the source batch.
-    x_bf, target_logit_b = selector_inputs(state.params, src)
-    z_b = selector.apply({"params": state.selector_params}, x_bf)
-    actions_b = sample_actions(sample_rng, z_b) * valid_b.astype(jnp.int32)
-
-    # 2. The TL model trains on the target batch plus the selected source examples.
-    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
-    both = _concat(tgt, src, keys)
-    w_b = jnp.concatenate([_weights(tgt), _weights(src) * actions_b])
-    is_target_b = jnp.concatenate([jnp.ones_like(_weights(tgt), jnp.int32),
-                                   jnp.zeros_like(actions_b)])
-
-    def tl_loss(params, w_b):
-      logits_bc, _, d_logit_b = forward(params, both, deterministic=False,
-                                        rng=dropout_rng)
-      task = weighted_cross_entropy(logits_bc, both["labels"], w_b, label_smoothing)
-      aux = {"task_loss": task,
-             "accuracy": weighted_accuracy(logits_bc, both["labels"], w_b)}
-      loss = task
-      if mgtl:
-        d_logits_b2 = jnp.stack([jnp.zeros_like(d_logit_b), d_logit_b], -1)
-        domain_loss = weighted_cross_entropy(d_logits_b2, is_target_b, w_b)
-        aux["domain_loss"] = domain_loss
-        aux["domain_accuracy"] = weighted_accuracy(d_logits_b2, is_target_b, w_b)
-        loss = loss + adversarial_weight * domain_loss
-      return loss, aux
-
-    dev_before = dev_value(state.params, dev)
-    (loss, aux), grads = jax.value_and_grad(tl_loss, has_aux=True)(state.params, w_b)
-    new_state = apply_gradients(state, grads, tx, rng=rng)
-
-    # 3. Delayed reward: what this step did to the target dev metric.
+  def delayed_reward(self, state, new_state, dev, dev_before, target_only_loss, rng):
+    """What this step did to the target dev metric (step 3 of the module docstring)."""
     dev_reference = dev_before
-    if reward == "source_gain":
+    if self.reward == "source_gain":
       # Against the same step without source data: the target batch's own effect on
       # the dev metric, which does not depend on the actions, cancels.
-      target_grads = jax.grad(lambda p: tl_loss(p, w_b * is_target_b)[0])(state.params)
-      dev_reference = dev_value(
-          apply_gradients(state, target_grads, tx, rng=rng).params, dev)
-    delayed = dev_value(new_state.params, dev) - dev_reference
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux,
-               "dev_before": dev_before, "reward": delayed}
+      target_grads = jax.grad(target_only_loss)(state.params)
+      dev_reference = self.dev_value(
+          apply_gradients(state, target_grads, self.tx, rng=rng).params, dev)
+    return self.dev_value(new_state.params, dev) - dev_reference
 
-    # 4. REINFORCE on the selector. Dev-metric changes are tiny and shrink as
-    # training converges; dividing the advantage by the running spread of the
-    # delayed reward keeps the policy's step size (and the weights of the entropy
-    # bonus and of the immediate rewards) steady.
+  def advantages(self, state, delayed, actions_b, valid_b, target_logit_b):
+    """(advantages [B], new reward_var, metrics) for REINFORCE on the selector.
+
+    Dev-metric changes are tiny and shrink as training converges; dividing the
+    advantage by the running spread of the delayed reward keeps the policy's step
+    size (and the weights of the entropy bonus and immediate rewards) steady.
+    """
     advantage = delayed - state.baseline
-    scale = jnp.sqrt(state.reward_var) + 1e-8 if normalize_rewards else 1.0
+    scale = jnp.sqrt(state.reward_var) + 1e-8 if self.normalize_rewards else 1.0
+    decay = self.baseline_decay
     reward_var = jnp.where(state.step == 0, advantage**2,
-                           baseline_decay * state.reward_var
-                           + (1 - baseline_decay) * advantage**2)
-    advantages = advantage / scale
-    if mgtl:
+                           decay * state.reward_var + (1 - decay) * advantage**2)
+    advantages, metrics = advantage / scale, {}
+    if self.mgtl:
       # Immediate rewards: a selected example earns how much more target-like the
       # discriminator finds it than the batch's source examples on average (in
       # standard deviations), so they steer WHICH examples, not how many.
@@ -287,42 +298,73 @@ def selection_step(classifier: nn.Module, tx: optax.GradientTransformation,
       mean = jnp.sum(p_b * valid_b) / n
       std = jnp.sqrt(jnp.sum((p_b - mean)**2 * valid_b) / n)
       immediate_b = actions_b * valid_b * (p_b - mean) / (std + 1e-6)
-      advantages = advantages + immediate_weight * immediate_b
-      metrics["immediate_reward"] = jnp.sum(immediate_b) / n
-      metrics["source_target_prob"] = mean
+      advantages = advantages + self.immediate_weight * immediate_b
+      metrics = {"immediate_reward": jnp.sum(immediate_b) / n,
+                 "source_target_prob": mean}
+    return advantages, reward_var, metrics
 
+  def selector_update(self, state, x_bf, actions_b, valid_b, advantages):
+    """One REINFORCE step of the selector: (new selector fields, metrics)."""
     def selector_loss(selector_params):
-      logits_b = selector.apply({"params": selector_params}, x_bf)
+      logits_b = self.selector.apply({"params": selector_params}, x_bf)
       pg = reinforce_loss(logits_b, actions_b, advantages, mask_b=valid_b,
                           reduction="mean")
       ent = jnp.sum(entropy(logits_b) * valid_b) / jnp.maximum(jnp.sum(valid_b), 1.0)
-      return pg - entropy_weight * ent, ent
-
+      return pg - self.entropy_weight * ent, ent
     (sel_loss, ent), sel_grads = jax.value_and_grad(selector_loss, has_aux=True)(
         state.selector_params)
-    sel_updates, selector_opt_state = selector_tx.update(
+    sel_updates, selector_opt_state = self.selector_tx.update(
         sel_grads, state.selector_opt_state, state.selector_params)
+    fields = {"selector_params": optax.apply_updates(state.selector_params, sel_updates),
+              "selector_opt_state": selector_opt_state}
+    return fields, {"selector_loss": sel_loss, "policy_entropy": ent}
+
+  def update(self, state, batch):
+    _check_batch(batch)
+    src, tgt, dev = batch["source"], batch["target"], batch["dev"]
+    step_rng, rng = next_rng(state)
+    sample_rng, dropout_rng = jax.random.split(step_rng)
+    valid_b = (_weights(src) > 0).astype(jnp.float32)
+    # 1. The selector acts on the source batch.
+    x_bf, target_logit_b = self.selector_inputs(state.params, src)
+    z_b = self.selector.apply({"params": state.selector_params}, x_bf)
+    actions_b = sample_actions(sample_rng, z_b) * valid_b.astype(jnp.int32)
+    # 2. The TL model trains on the target batch plus the selected source examples.
+    both = _concat(tgt, src, _TL_KEYS)
+    w_b = jnp.concatenate([_weights(tgt), _weights(src) * actions_b])
+    is_target_b = jnp.concatenate([jnp.ones_like(_weights(tgt), jnp.int32),
+                                   jnp.zeros_like(actions_b)])
+    dev_before = self.dev_value(state.params, dev)
+    (loss, aux), grads = jax.value_and_grad(self.tl_loss, has_aux=True)(
+        state.params, both, w_b, is_target_b, dropout_rng)
+    new_state = apply_gradients(state, grads, self.tx, rng=rng)
+    # 3. Delayed reward; 4. REINFORCE on the selector.
+    delayed = self.delayed_reward(
+        state, new_state, dev, dev_before,
+        lambda p: self.tl_loss(p, both, w_b * is_target_b, is_target_b, dropout_rng)[0],
+        rng)
+    advantages, reward_var, reward_metrics = self.advantages(
+        state, delayed, actions_b, valid_b, target_logit_b)
+    fields, selector_metrics = self.selector_update(state, x_bf, actions_b, valid_b,
+                                                    advantages)
     new_state = new_state.replace(
-        selector_params=optax.apply_updates(state.selector_params, sel_updates),
-        selector_opt_state=selector_opt_state,
-        baseline=update_baseline(state.baseline, delayed, decay=baseline_decay),
-        reward_var=reward_var)
-    metrics.update({
-        "baseline": state.baseline, "selector_loss": sel_loss, "policy_entropy": ent,
-        "selected_fraction": jnp.sum(actions_b * valid_b) / jnp.maximum(
-            jnp.sum(valid_b), 1.0)})
+        **fields, reward_var=reward_var,
+        baseline=update_baseline(state.baseline, delayed, decay=self.baseline_decay))
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux,
+               "dev_before": dev_before, "reward": delayed, **reward_metrics,
+               "baseline": state.baseline, **selector_metrics,
+               "selected_fraction": jnp.sum(actions_b * valid_b) / jnp.maximum(
+                   jnp.sum(valid_b), 1.0)}
     return new_state, metrics
 
-  def predict(state, batch):
-    logits_bc, features_bh, _ = forward(state.params, batch, deterministic=True)
+  def predict(self, state, batch):
+    logits_bc, features_bh, _ = self.forward(state.params, batch, deterministic=True)
     out = {"logits": logits_bc, "features": features_bh}
     if "labels" in batch:
-      x_bf, _ = selector_inputs(state.params, batch)
+      x_bf, _ = self.selector_inputs(state.params, batch)
       out["select_prob"] = jax.nn.sigmoid(
-          selector.apply({"params": state.selector_params}, x_bf))
+          self.selector.apply({"params": state.selector_params}, x_bf))
     return out
-
-  return TrainStep(init=init, update=update, predict=predict)
 
 
 def rtl(classifier: nn.Module, tx: optax.GradientTransformation,
@@ -353,41 +395,19 @@ def mgtl(classifier: nn.Module, tx: optax.GradientTransformation,
 def instance_batches(source: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray],
                      dev: Mapping[str, np.ndarray], *, source_batch_size: int,
                      target_batch_size: int, dev_batch_size: int, seed: int
-                     ) -> Iterator[dict]:
-  """Endless {'source', 'target', 'dev'} batches from three encoded datasets.
-
-  Each part is reshuffled every epoch of its own (independent seeds); extra
-  per-example arrays (e.g. 'index') ride along.
+                     ) -> NamedStreams:
+  """Endless {'source', 'target', 'dev'} batches from three encoded datasets: an
+  etjax.data.streams iterator (each part reshuffled every epoch of its own; extra
+  per-example arrays such as 'index' ride along; position saved by the Trainer).
 
   Args:
     source, target, dev: encoded data (dicts of arrays [N, ...]).
     source_batch_size, target_batch_size, dev_batch_size: rows of each part.
     seed: shuffling seed.
-
-  Yields:
-    dicts of three batch dicts of numpy arrays.
   """
-  parts = {"source": (source, source_batch_size), "target": (target, target_batch_size),
-           "dev": (dev, dev_batch_size)}
-  streams = {}
-  for i, (name, (data, size)) in enumerate(parts.items()):
-    n = len(data["labels"])
-    if not 0 < size <= n:
-      raise ValueError(f"{name}_batch_size must be in 1..{n} (the {name} examples), "
-                       f"got {size}")
-    streams[name] = _epochs(data, size, np.random.default_rng([seed, i]))
-  while True:
-    yield {name: next(stream) for name, stream in streams.items()}
-
-
-def _epochs(data: Mapping[str, np.ndarray], size: int,
-            rng: np.random.Generator) -> Iterator[dict]:
-  n = len(data["labels"])
-  while True:
-    order = rng.permutation(n)
-    for start in range(0, n - size + 1, size):
-      rows = order[start:start + size]
-      yield {k: np.asarray(v)[rows] for k, v in data.items()}
+  return named_streams({"source": source, "target": target, "dev": dev},
+                       {"source": source_batch_size, "target": target_batch_size,
+                        "dev": dev_batch_size}, seed=seed)
 
 
 INSTANCE_METHODS = {"rtl": rtl, "mgtl": mgtl}

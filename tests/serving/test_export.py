@@ -177,3 +177,15 @@ def test_loader_needs_neither_flax_nor_model_code(exported):
 def test_batch_rows_are_padded_to_few_shapes():
   assert [loader.padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33)] == [
       1, 2, 4, 8, 8, 16, 16, 24, 40]
+
+
+def test_export_in_bfloat16_compute_stays_within_bf16_tolerance(trained, exported,
+                                                                tmp_path):
+  version = export.export_workdir(trained.workdir, str(tmp_path), platforms=("cpu",),
+                                  dtype="bfloat16")
+  model = loader.load_export(version)
+  assert model.manifest["source"]["compute_dtype"] == "bfloat16"
+  fp32 = loader.load_export(exported).predict(list(TEXTS))["probabilities"]
+  bf16 = model.predict(list(TEXTS))["probabilities"]
+  np.testing.assert_allclose(bf16, fp32, atol=1e-2)
+  assert not np.array_equal(bf16, fp32)  # the compute dtype did change

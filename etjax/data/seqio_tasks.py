@@ -67,11 +67,6 @@ def _vocabulary_class():
 
     def __init__(self, tokenizer: tokenizers.Tokenizer):
       self.tokenizer = tokenizer
-      # A private copy: `Tokenizer.encode` configures its backend's padding and
-      # truncation per call, which must not leak into word-piece ids here.
-      self._backend = type(tokenizer.backend).from_str(tokenizer.backend.to_str())
-      self._backend.no_padding()
-      self._backend.no_truncation()
       super().__init__(extra_ids=0)
 
     @property
@@ -91,7 +86,7 @@ def _vocabulary_class():
       return self.tokenizer.unk_id
 
     def _encode(self, s: str) -> list[int]:
-      return self._backend.encode(s, add_special_tokens=False).ids
+      return self.tokenizer.word_piece_ids(s)
 
     def _decode(self, ids) -> str:
       return self.tokenizer.decode(ids)

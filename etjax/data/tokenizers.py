@@ -58,6 +58,7 @@ class Tokenizer:
     self.mask_id: int | None = ids['mask_token']
     self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
     self._config = None
+    self._plain = None
 
   def _configure(self, max_length: int, padding: str):
     config = (max_length, padding)
@@ -128,9 +129,22 @@ class Tokenizer:
       out = {k: v[0] for k, v in out.items()}
     return out
 
+  def _plain_encoding(self, text: str):
+    """`text` through a private copy of the backend that never pads or truncates:
+    `encode` configures the shared backend's padding and truncation per call."""
+    if self._plain is None:
+      self._plain = type(self.backend).from_str(self.backend.to_str())
+      self._plain.no_padding()
+      self._plain.no_truncation()
+    return self._plain.encode(text, add_special_tokens=False)
+
   def tokenize(self, text: str) -> list[str]:
     """Returns the word pieces of `text`, without special tokens or truncation."""
-    return self.backend.encode(text, add_special_tokens=False).tokens
+    return self._plain_encoding(text).tokens
+
+  def word_piece_ids(self, text: str) -> list[int]:
+    """Returns the ids of `text`'s word pieces, without special tokens or truncation."""
+    return self._plain_encoding(text).ids
 
   def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True
              ) -> str:

@@ -113,3 +113,12 @@ def test_build_wordpiece_round_trip(tmp_path):
   again = loaded.encode(texts[:3], texts[3:6], max_length=32)
   for key in enc:
     np.testing.assert_array_equal(enc[key], again[key])
+
+
+def test_tokenize_ignores_the_padding_and_truncation_encode_configured():
+  tok = etdata.load_tokenizer(os.path.join(MINILM, 'tokenizer.json'))
+  hf = _hf(MINILM)
+  tok.encode(SENTENCES, max_length=8)  # pads and truncates the shared backend to 8
+  for text in SENTENCES:
+    assert tok.tokenize(text) == hf.tokenize(text)
+    assert tok.word_piece_ids(text) == hf(text, add_special_tokens=False)['input_ids']

@@ -152,8 +152,13 @@ def test_bad_inputs_are_named(tmp_path):
         "etjax_test_bad", {"train": path},
         readers.Schema(text_a="text", label="label", domain="domain"),
         domain_rates={"music": 1.0})
+  seqio_tasks.register_file_task(
+      "etjax_test_bad", {"train": path},
+      readers.Schema(text_a="text", label="label", domain="domain"))
   with pytest.raises(ValueError, match="Mixture: give num_examples"):
-    seqio_tasks.load_examples("etjax_test_mix.domains", "train")
+    seqio_tasks.load_examples("etjax_test_bad.domains", "train")
+  with pytest.raises(ValueError, match="not a task or mixture registered"):
+    seqio_tasks.vocabularies("etjax_never_registered")
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ from etjax.algorithms.finetune import (LossFn, init_params, model_inputs,
                                        weighted_accuracy, weighted_cross_entropy,
                                        with_pretrained, _with_dummy_labels)
 from etjax.algorithms.step import (Batch, TrainState, TrainStep, apply_gradients,
-                                   next_rng, unbox)
+                                   gradient_step, next_rng, unbox)
 
 PyTree = Any
 Teacher = tuple[nn.Module, PyTree]
@@ -413,7 +413,14 @@ def distill_train_step(objective, tx, init_fn) -> TrainStep:
                         opt_state=tx.init(params), rng=state_rng,
                         teacher_params=teacher_params)
 
-  def update(state, batch):
-    return distill_update(objective, tx, state, batch)
+  def grad(state, batch, rng):
+    (loss, aux), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+        state.params, state.teacher_params, batch, rng, False)
+    return grads, {"loss": loss, **{k: v for k, v in aux.items() if jnp.ndim(v) == 0}}
 
-  return TrainStep(init=init, update=update, predict=student_predict(objective))
+  def apply(state, grads, rng):
+    return apply_gradients(state, grads, tx, rng=rng), {}
+
+  # grad + apply (not distill_update) so that the Trainer's gradient accumulation and
+  # communication options apply; the numbers are distill_update's.
+  return gradient_step(init, grad, apply, student_predict(objective))

@@ -121,6 +121,23 @@ def test_hierarchical_all_reduce_sends_a_slice_across_dcn():
   assert grad_comm.all_reduce_bytes(text) == {"f32": padded // 4}   # across dcn_data
   assert grad_comm.collective_bytes(text, "all-gather") == {"f32": padded}
   assert "replica_groups={{0,4},{1,5},{2,6},{3,7}}" in text.replace(" ", "")
-  np.testing.assert_allclose(loss_hier, loss_flat, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g_hier), jax.tree.leaves(g_flat)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  del loss_hier, g_hier, loss_flat, g_flat  # their equality: the float64 test below
+
+
+def test_hierarchical_all_reduce_equals_the_flat_one_in_float64():
+  """The same sums in another order: exact mathematics, so float64 at 1e-12."""
+  with jax.enable_x64(True):
+    params, batch = _setup()
+    mesh = mesh_lib.make_mesh({"dcn_data": 2, "data": 4})
+    with jax.set_mesh(mesh):
+      loss_flat, g_flat = jax.jit(grad_comm.data_parallel_grad(
+          _loss, mesh, comm_dtype=jnp.float64))(params, batch)
+      loss_hier, g_hier = jax.jit(grad_comm.data_parallel_grad(
+          _loss, mesh, comm_dtype=jnp.float64, hierarchical=True))(params, batch)
+      _, g_one = jax.jit(jax.value_and_grad(_loss))(params, batch, None)
+  assert loss_hier.dtype == np.float64
+  np.testing.assert_allclose(loss_hier, loss_flat, rtol=1e-12)
+  for a, b, c in zip(jax.tree.leaves(g_hier), jax.tree.leaves(g_flat),
+                     jax.tree.leaves(g_one)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-15)  # = unsharded

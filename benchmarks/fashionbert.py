@@ -3,6 +3,9 @@ pretrained vs the same model without pretraining, paired over seeds.
 
     python benchmarks/fashionbert.py                        # seeds 0 1 2, the defaults
     python benchmarks/fashionbert.py --seeds 0 --steps 200  # a quick look
+    # seeds in parallel processes, then the table from their saved results:
+    for s in 0 1 2; do python benchmarks/fashionbert.py --seeds $s --save /tmp/fb & done; wait
+    python benchmarks/fashionbert.py --seeds 0 1 2 --load /tmp/fb
 
 Per seed: train pairs (split 'train') and held-out pairs (split 'test') come from
 etjax.data.fashion_synthetic with that seed; the model is the zoo's fashionbert-tiny
@@ -26,6 +29,8 @@ prints the table and whether the claim holds.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
@@ -107,8 +112,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--steps", type=int, default=1200)
-  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--train_pairs", type=int, default=4000)
   parser.add_argument("--test_pairs", type=int, default=1000)
@@ -117,10 +122,20 @@ def main(argv=None) -> int:
   parser.add_argument("--eval_batch", type=int, default=500)
   parser.add_argument("--fixed", action="store_true",
                       help="also pretrain with fixed equal loss weights")
+  parser.add_argument("--save", help="write each seed's results to SAVE/seed_N.json")
+  parser.add_argument("--load", help="read the seeds' results from LOAD/ (no training)")
   args = parser.parse_args(argv)
   results = {}
   for seed in args.seeds:
-    results[seed] = run_seed(seed, args)
+    if args.load:
+      with open(os.path.join(args.load, f"seed_{seed}.json")) as f:
+        results[seed] = json.load(f)
+    else:
+      results[seed] = run_seed(seed, args)
+    if args.save:
+      os.makedirs(args.save, exist_ok=True)
+      with open(os.path.join(args.save, f"seed_{seed}.json"), "w") as f:
+        json.dump(results[seed], f)
     print(f"seed {seed}: " + "; ".join(
         f"{arm} " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in m.items())

@@ -2,9 +2,9 @@
 alignment, combined with the adaptive loss of Gao et al. (SIGIR 2020), as a TrainStep.
 
 Each step masks the batch (text: `mlm_prob` of the real, non-special tokens, replaced
-80% by [MASK], 10% by a random token, 10% kept; image: `mpm_prob` of the patches,
-which enter the encoder as zeros), runs etjax.models.fashionbert.FashionBert and
-computes three losses:
+80% by [MASK], 10% by a random token, 10% kept, by etjax.algorithms.mlm.mask_tokens;
+image: `mpm_prob` of the patches, which enter the encoder as zeros), runs
+etjax.models.fashionbert.FashionBert and computes three losses:
 
   l_mlm  cross-entropy at the masked tokens of matched pairs;
   l_mpm  KL(softmax(target) || softmax(prediction)) at the masked patches of matched
@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from etjax.algorithms import mlm
 from etjax.algorithms.finetune import weighted_accuracy, weighted_cross_entropy
 from etjax.algorithms.finetune import with_pretrained
 from etjax.algorithms.step import Batch, TrainState, TrainStep, apply_gradients, next_rng
@@ -112,25 +113,6 @@ def shared_mask(params: Mapping[str, Any]) -> Any:
 
 # --- masking and the three losses ---------------------------------------------------
 
-def mask_tokens(rng: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
-                prob: float, mask_token_id: int, special_token_ids: Sequence[int],
-                vocab_size: int) -> tuple[jax.Array, jax.Array]:
-  """BERT's masking: `prob` of the real non-special tokens are chosen; of those 80%
-  become mask_token_id, 10% a uniformly random token, 10% stay.
-
-  Returns (masked input_ids [B, L], chosen [B, L] bool)."""
-  pick_rng, how_rng, token_rng = jax.random.split(rng, 3)
-  candidate = attention_mask != 0
-  for special in special_token_ids:
-    candidate &= input_ids != special
-  chosen = candidate & (jax.random.uniform(pick_rng, input_ids.shape) < prob)
-  how = jax.random.uniform(how_rng, input_ids.shape)
-  random_ids = jax.random.randint(token_rng, input_ids.shape, 0, vocab_size)
-  masked = jnp.where(how < 0.8, mask_token_id, jnp.where(how < 0.9, random_ids,
-                                                         input_ids))
-  return jnp.where(chosen, masked, input_ids).astype(input_ids.dtype), chosen
-
-
 def patch_kl(mpm_logits: jax.Array, targets: jax.Array) -> jax.Array:
   """KL(softmax(targets) || softmax(mpm_logits)) per patch: [..., F] -> [...]."""
   log_p = jax.nn.log_softmax(targets.astype(jnp.float32), axis=-1)
@@ -158,9 +140,13 @@ def task_losses(model: nn.Module, params: Any, batch: Batch, rng: jax.Array, *,
   cfg = model.config
   text_rng, patch_rng, dropout_rng = jax.random.split(rng, 3)
   input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-  masked_ids, chosen_bl = mask_tokens(
-      text_rng, input_ids, attention_mask, prob=mlm_prob, mask_token_id=mask_token_id,
-      special_token_ids=special_token_ids, vocab_size=cfg.vocab_size)
+  maskable_bl = attention_mask != 0
+  for special in special_token_ids:
+    maskable_bl &= input_ids != special
+  masked_ids, targets_bl = mlm.mask_tokens(
+      text_rng, input_ids, maskable_bl, vocab_size=cfg.encoder.vocab_size,
+      mask_id=mask_token_id, mask_prob=mlm_prob)
+  chosen_bl = targets_bl != mlm.IGNORE
   num_patches = cfg.patches_per_image if "patch_features" not in batch else \
       batch["patch_features"].shape[1]
   masked_bp = jax.random.uniform(patch_rng, (input_ids.shape[0], num_patches)) < mpm_prob
@@ -219,8 +205,8 @@ def fashionbert_pretrain(model: nn.Module, tx: optax.GradientTransformation, *,
     raise ValueError(f"fashionbert_pretrain: fixed_weights needs {len(TASKS)} values "
                      f"(mlm, mpm, itm), got {tuple(fixed_weights)}")
   for name, p in (("mlm_prob", mlm_prob), ("mpm_prob", mpm_prob)):
-    if not 0.0 <= p <= 1.0:
-      raise ValueError(f"fashionbert_pretrain: {name} must be in [0, 1], got {p}")
+    if not 0.0 < p < 1.0:
+      raise ValueError(f"fashionbert_pretrain: {name} must be in (0, 1), got {p}")
   fixed = jnp.asarray(fixed_weights, jnp.float32)
 
   def losses_fn(params, batch, rng):

@@ -43,63 +43,58 @@ IMAGE_INPUTS = ("pixels", "features")
 
 @dataclasses.dataclass(frozen=True)
 class FashionBertConfig:
-  """FashionBERT: BERT encoder fields (as EncoderConfig) plus the image side.
+  """FashionBERT: a BERT encoder's config plus the image side.
 
   image_input 'pixels': images [B, image_size, image_size, channels] cut into
-  patch_size squares, each through a conv stem of `stem_channels`; 'features':
-  precomputed patch vectors [B, num_patches, patch_feature_size].
+  patch_size squares, standardised by pixel_mean and pixel_std, each through a conv
+  stem of `stem_channels`; 'features': precomputed patch vectors [B, <= num_patches,
+  patch_feature_size]. `make` builds one from flat fields of both kinds, `replace`
+  changes either kind (zoo overrides such as dtype='bfloat16' reach the encoder).
   """
-  vocab_size: int = 30522
-  hidden_size: int = 768
-  num_layers: int = 12
-  num_heads: int = 12
-  intermediate_size: int = 3072
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  hidden_act: str = "gelu"
-  layer_norm_eps: float = 1e-12
-  hidden_dropout: float = 0.1
-  attention_dropout: float = 0.1
-  initializer_range: float = 0.02
-  pad_token_id: int = 0
+  encoder: EncoderConfig = EncoderConfig()
   image_input: str = "features"
   image_size: int = 64
   patch_size: int = 8
   channels: int = 3
   stem_channels: tuple[int, int] = (32, 64)
+  pixel_mean: float = 0.5
+  pixel_std: float = 0.25
   num_patches: int = 64
   patch_feature_size: int = 2048
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  attention: str = "dense"
-  rsa_k: int = 4
-  rsa_block_size: int = 64
-  remat_policy: str = "none"
-  scan_unroll: int = 1
-  pipeline_stages: int = 1
-  pipeline_microbatches: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
     pixels = self.image_input == "pixels"
     raise_failed(self, [
+        (isinstance(self.encoder, EncoderConfig) and self.encoder.model_type == "bert",
+         "encoder", "a BERT EncoderConfig"),
         (self.image_input in IMAGE_INPUTS, "image_input", f"one of {IMAGE_INPUTS}"),
         (not pixels or (self.patch_size > 0 and self.image_size % self.patch_size == 0),
          "image_size", f"a multiple of patch_size={self.patch_size}"),
         (not pixels or (len(self.stem_channels) == 2 and min(self.stem_channels) > 0),
          "stem_channels", "two positive channel counts"),
+        (self.pixel_std > 0, "pixel_std", "positive"),
         (min(self.num_patches, self.patch_feature_size, self.channels) > 0, "num_patches",
          "num_patches, patch_feature_size and channels positive"),
     ])
-    self.encoder_config  # validates the BERT fields, naming the field that fails
 
-  @property
-  def encoder_config(self) -> EncoderConfig:
-    """The BERT encoder's config (text embeddings and layer stack)."""
-    names = {f.name for f in dataclasses.fields(EncoderConfig)}
-    return EncoderConfig(model_type="bert", **{
-        f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-        if f.name in names})
+  @classmethod
+  def make(cls, **fields) -> "FashionBertConfig":
+    """A config from flat fields: FashionBertConfig's own and EncoderConfig's."""
+    return cls().replace(**fields)
+
+  def replace(self, **changes) -> "FashionBertConfig":
+    """Changes fields of this config or of its encoder (by the field's name)."""
+    own = {f.name for f in dataclasses.fields(self)} - {"encoder"}
+    encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)} - {"model_type"}
+    unknown = sorted(set(changes) - own - encoder_fields)
+    if unknown:
+      raise ValueError(f"unknown FashionBertConfig field(s) {unknown}; known: "
+                       f"{sorted(own | encoder_fields)}")
+    encoder = self.encoder.replace(**{k: v for k, v in changes.items()
+                                      if k in encoder_fields})
+    return dataclasses.replace(self, encoder=encoder,
+                               **{k: v for k, v in changes.items() if k in own})
 
   @property
   def patches_per_image(self) -> int:
@@ -113,9 +108,6 @@ class FashionBertConfig:
     if self.image_input == "pixels":
       return self.patch_size * self.patch_size * self.channels
     return self.patch_feature_size
-
-  def replace(self, **changes) -> "FashionBertConfig":
-    return dataclasses.replace(self, **changes)
 
   def build_module(self) -> "FashionBert":
     return FashionBert(self)
@@ -150,7 +142,8 @@ def patchify(pixels_bhwc: jax.Array, patch_size: int) -> jax.Array:
 
 
 def _dtypes(cfg: FashionBertConfig) -> dict:
-  return dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+  return dict(dtype=dtype_of(cfg.encoder.dtype),
+              param_dtype=dtype_of(cfg.encoder.param_dtype))
 
 
 class PatchStem(nn.Module):
@@ -168,7 +161,7 @@ class PatchStem(nn.Module):
                                                   (None, None, None, None)),
                   bias_init=layers.logical_init(nn.initializers.zeros, (None,)),
                   name=f"conv{i}", **_dtypes(cfg))(x)
-      x = layers.activation(cfg.hidden_act)(x)
+      x = layers.activation(cfg.encoder.hidden_act)(x)
     return x.mean(axis=(1, 2)).reshape(b, p, -1)
 
 
@@ -179,17 +172,17 @@ class PatchEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, features_bpf: jax.Array, deterministic: bool = True) -> jax.Array:
-    cfg = self.config
-    kw = dict(init_stddev=cfg.initializer_range, **_dtypes(cfg))
-    x_bpd = layers.Dense((cfg.hidden_size,), (None,), ("embed",), name="projection",
+    cfg, enc = self.config, self.config.encoder
+    kw = dict(init_stddev=enc.initializer_range, **_dtypes(cfg))
+    x_bpd = layers.Dense((enc.hidden_size,), (None,), ("embed",), name="projection",
                          **kw)(features_bpf)
     positions = jnp.arange(features_bpf.shape[1])
-    x_bpd = x_bpd + layers.Embed(cfg.patches_per_image, cfg.hidden_size, table_axis=None,
+    x_bpd = x_bpd + layers.Embed(cfg.patches_per_image, enc.hidden_size, table_axis=None,
                                  name="position", **kw)(positions)[None]
-    x_bpd = x_bpd + layers.Embed(1, cfg.hidden_size, table_axis=None, name="segment",
+    x_bpd = x_bpd + layers.Embed(1, enc.hidden_size, table_axis=None, name="segment",
                                  **kw)(jnp.zeros((1, 1), jnp.int32))
-    x_bpd = layers.LayerNorm(cfg.layer_norm_eps, name="norm", **_dtypes(cfg))(x_bpd)
-    return layers.Dropout(cfg.hidden_dropout)(x_bpd, deterministic=deterministic)
+    x_bpd = layers.LayerNorm(enc.layer_norm_eps, name="norm", **_dtypes(cfg))(x_bpd)
+    return layers.Dropout(enc.hidden_dropout)(x_bpd, deterministic=deterministic)
 
 
 class TiedMLMHead(nn.Module):
@@ -199,13 +192,13 @@ class TiedMLMHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_bld: jax.Array, table_vd: jax.Array) -> jax.Array:
-    cfg = self.config
-    x_bld = layers.Dense((cfg.hidden_size,), ("embed",), ("mlp",), name="transform",
-                         init_stddev=cfg.initializer_range, **_dtypes(cfg))(x_bld)
-    x_bld = layers.activation(cfg.hidden_act)(x_bld)
-    x_bld = layers.LayerNorm(cfg.layer_norm_eps, name="norm", **_dtypes(cfg))(x_bld)
+    cfg, enc = self.config, self.config.encoder
+    x_bld = layers.Dense((enc.hidden_size,), ("embed",), ("mlp",), name="transform",
+                         init_stddev=enc.initializer_range, **_dtypes(cfg))(x_bld)
+    x_bld = layers.activation(enc.hidden_act)(x_bld)
+    x_bld = layers.LayerNorm(enc.layer_norm_eps, name="norm", **_dtypes(cfg))(x_bld)
     bias = self.param("bias", layers.logical_init(nn.initializers.zeros, ("vocab",)),
-                      (cfg.vocab_size,), dtype_of(cfg.param_dtype))
+                      (enc.vocab_size,), dtype_of(enc.param_dtype))
     logits = jnp.einsum("bld,vd->blv", x_bld, table_vd.astype(x_bld.dtype),
                         preferred_element_type=jnp.float32)
     return logits + bias.astype(jnp.float32)
@@ -230,7 +223,7 @@ class FashionBert(nn.Module):
                masked_patches: Optional[jax.Array] = None,
                deterministic: bool = True) -> FashionBertOutput:
     cfg = self.config
-    enc_cfg = cfg.encoder_config
+    enc_cfg = cfg.encoder
     input_ids = layers.constrain(jnp.asarray(input_ids, jnp.int32), ("batch", "length"))
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -242,7 +235,11 @@ class FashionBert(nn.Module):
       keep = (masked_patches == 0).reshape(masked_patches.shape + (1,) * (patches.ndim - 2))
       patches = jnp.where(keep, patches, jnp.zeros_like(patches))
     if cfg.image_input == "pixels":
-      patches = PatchStem(cfg, name="stem")(patches.astype(dtype_of(cfg.dtype)))
+      # Standardised pixels: raw [0, 1] values make the stem's output nearly the same
+      # for every image (its response to overall brightness dominates), and the
+      # patch-position embeddings then drown the image content.
+      patches = (patches - cfg.pixel_mean) / cfg.pixel_std
+      patches = PatchStem(cfg, name="stem")(patches.astype(dtype_of(cfg.encoder.dtype)))
     if patch_mask is None:
       patch_mask = jnp.ones(patches.shape[:2], attention_mask.dtype)
     embeddings = Embeddings(enc_cfg, name="embeddings")
@@ -254,21 +251,21 @@ class FashionBert(nn.Module):
     mask_bs = jnp.concatenate([attention_mask, patch_mask.astype(attention_mask.dtype)],
                               axis=1)
     x_bsd, _ = LayerStack(layer_cls=EncoderLayer, layer_kwargs=dict(config=enc_cfg),
-                          num_layers=cfg.num_layers, **stack_options(cfg),
+                          num_layers=cfg.encoder.num_layers, **stack_options(cfg.encoder),
                           name="encoder")(x_bsd, {"attention_mask": mask_bs}, {},
                                           deterministic)
     # A square kernel cannot map both dims to 'embed' (one mesh axis used twice).
-    pooled_bd = jnp.tanh(layers.Dense((cfg.hidden_size,), ("embed",), ("mlp",),
-                                      init_stddev=cfg.initializer_range, name="pooler",
+    pooled_bd = jnp.tanh(layers.Dense((enc_cfg.hidden_size,), ("embed",), ("mlp",),
+                                      init_stddev=enc_cfg.initializer_range, name="pooler",
                                       **_dtypes(cfg))(x_bsd[:, 0]))
     length = input_ids.shape[1]
     table_vd = nn.meta.unbox(embeddings.variables["params"]["word"]["embedding"])
     mlm_logits = TiedMLMHead(cfg, name="mlm_head")(x_bsd[:, :length], table_vd)
     mpm_logits = layers.Dense((cfg.target_size,), ("embed",), (None,), use_bias=False,
-                              init_stddev=cfg.initializer_range, name="mpm_head",
+                              init_stddev=cfg.encoder.initializer_range, name="mpm_head",
                               **_dtypes(cfg))(x_bsd[:, length:length + num_patches])
     itm_logits = layers.Dense((2,), ("embed",), ("classes",),
-                              init_stddev=cfg.initializer_range, name="itm_head",
+                              init_stddev=cfg.encoder.initializer_range, name="itm_head",
                               dtype=jnp.float32)(pooled_bd)
     return FashionBertOutput(
         last_hidden_state=x_bsd, pooled_output=pooled_bd, mlm_logits=mlm_logits,
@@ -297,13 +294,13 @@ class FashionBert(nn.Module):
 
 
 def _fashionbert(hidden, num_layers, heads, **kw) -> FashionBertConfig:
-  return FashionBertConfig(hidden_size=hidden, num_layers=num_layers, num_heads=heads,
-                           intermediate_size=4 * hidden, **kw)
+  return FashionBertConfig.make(hidden_size=hidden, num_layers=num_layers,
+                                num_heads=heads, intermediate_size=4 * hidden, **kw)
 
 
 # The paper's model: BERT-base over 64 patches (an 8x8 grid) of 2048-d ResNet-50
 # features; the tiny one renders the synthetic pairs of etjax.data.fashion_synthetic
-# (32x32 pixels, 8x8 patches through the conv stem, its 21-word vocabulary).
+# (32x32 pixels, 8x8 patches through the conv stem, its 28-token vocabulary).
 zoo.register("fashionbert-base", lambda: _fashionbert(768, 12, 12))
 zoo.register("fashionbert-tiny", lambda: _fashionbert(
     64, 2, 2, vocab_size=32, max_position_embeddings=32, image_input="pixels",

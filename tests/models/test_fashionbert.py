@@ -27,7 +27,7 @@ def _config(**kw):
               attention_dropout=0.0, image_input="features", num_patches=6,
               patch_feature_size=10)
   base.update(kw)
-  return fb.FashionBertConfig(**base)
+  return fb.FashionBertConfig.make(**base)
 
 
 def _inputs(rng, batch=3, length=7, patches=6, features=10):
@@ -73,7 +73,7 @@ def model_and_outputs():
 
 def test_encoder_matches_transformers_bert_on_the_joint_sequence(model_and_outputs):
   cfg, _, params, (ids, mask, types, patch_mask, feats), out = model_and_outputs
-  enc_cfg = cfg.encoder_config
+  enc_cfg = cfg.encoder
   bert = transformers.BertModel(transformers.BertConfig(**config_to_hf(enc_cfg)),
                                 add_pooling_layer=True).eval()
   tensors = hf.params_to_tensors({k: params[k] for k in ("embeddings", "encoder",
@@ -85,7 +85,7 @@ def test_encoder_matches_transformers_bert_on_the_joint_sequence(model_and_outpu
   image = (feats @ pe["projection"]["kernel"] + pe["projection"]["bias"]
            + pe["position"]["embedding"][None, :feats.shape[1]]
            + pe["segment"]["embedding"][0])
-  image = _layer_norm(image, pe["norm"]["scale"], pe["norm"]["bias"], cfg.layer_norm_eps)
+  image = _layer_norm(image, pe["norm"]["scale"], pe["norm"]["bias"], cfg.encoder.layer_norm_eps)
   with torch.no_grad():
     text = bert.embeddings(input_ids=torch.tensor(ids, dtype=torch.long),
                            token_type_ids=torch.tensor(types, dtype=torch.long)).numpy()
@@ -108,7 +108,7 @@ def test_heads_match_numpy_with_mlm_tied_to_word_embeddings(model_and_outputs):
   length = ids.shape[1]
   mlm = params["mlm_head"]
   x = _gelu(h[:, :length] @ mlm["transform"]["kernel"] + mlm["transform"]["bias"])
-  x = _layer_norm(x, mlm["norm"]["scale"], mlm["norm"]["bias"], cfg.layer_norm_eps)
+  x = _layer_norm(x, mlm["norm"]["scale"], mlm["norm"]["bias"], cfg.encoder.layer_norm_eps)
   table = params["embeddings"]["word"]["embedding"]
   np.testing.assert_allclose(out.mlm_logits, x @ table.T + mlm["bias"], atol=TOL,
                              rtol=TOL)
@@ -119,7 +119,7 @@ def test_heads_match_numpy_with_mlm_tied_to_word_embeddings(model_and_outputs):
                              itm["kernel"] + itm["bias"], atol=TOL, rtol=TOL)
   # No decoder matrix of its own: the MLM head's only vocab-sized parameter is the bias.
   assert {k: np.shape(v) for k, v in mlm.items() if k != "transform" and k != "norm"} \
-      == {"bias": (cfg.vocab_size,)}
+      == {"bias": (cfg.encoder.vocab_size,)}
 
 
 def test_masked_patches_enter_as_zeros_and_targets_stay_unmasked(model_and_outputs):
@@ -166,14 +166,13 @@ def _conv_same(x, kernel, bias, stride):
 
 def test_conv_stem_matches_numpy_per_patch():
   cfg = _config(image_input="pixels", image_size=8, patch_size=4, stem_channels=(3, 5))
-  model = fb.FashionBert(cfg)
   rng = np.random.default_rng(4)
   pixels = rng.uniform(size=(2, 8, 8, 3)).astype(np.float32)
-  ids = rng.integers(5, 40, (2, 4)).astype(np.int32)
-  params = model.init(jax.random.key(0), ids, pixels=pixels)["params"]
-  stem = jax.tree.map(np.asarray, nn.meta.unbox(params["stem"]))
   patches = np.asarray(fb.patchify(pixels, 4))
-  got = np.asarray(fb.PatchStem(cfg).apply({"params": stem}, patches))
+  stem_module = fb.PatchStem(cfg)
+  stem = jax.tree.map(np.asarray, nn.meta.unbox(
+      stem_module.init(jax.random.key(0), patches)["params"]))
+  got = np.asarray(stem_module.apply({"params": stem}, patches))
   assert got.shape == (2, 4, 5)
   for b in range(2):
     for p in range(4):
@@ -181,10 +180,35 @@ def test_conv_stem_matches_numpy_per_patch():
                            1))
       h = _gelu(_conv_same(h, stem["conv1"]["kernel"], stem["conv1"]["bias"], 2))
       np.testing.assert_allclose(got[b, p], h.mean((0, 1)), atol=TOL, rtol=TOL)
-  # In pixels mode the masked-patch target is the patch's flattened pixels.
-  out = model.apply({"params": params}, ids, pixels=pixels)
+
+
+def test_pixels_are_standardised_into_the_stem_and_targets_are_raw_patches():
+  cfg = _config(image_input="pixels", image_size=8, patch_size=4, stem_channels=(3, 5),
+                pixel_mean=0.3, pixel_std=0.2)
+  model = fb.FashionBert(cfg)
+  rng = np.random.default_rng(5)
+  pixels = rng.uniform(size=(2, 8, 8, 3)).astype(np.float32)
+  ids = rng.integers(5, 40, (2, 4)).astype(np.int32)
+
+  @jax.jit
+  def run(key):
+    params = model.init(key, ids, pixels=pixels)["params"]
+    stem = fb.PatchStem(cfg).apply({"params": params["stem"]},
+                                   (fb.patchify(pixels, 4) - 0.3) / 0.2)
+    return model.apply({"params": params}, ids, pixels=pixels), stem, params
+
+  out, stem_features, params = run(jax.random.key(0))
+  patches = np.asarray(fb.patchify(pixels, 4))
   np.testing.assert_array_equal(out.patch_targets, patches.reshape(2, 4, -1))
-  assert out.mpm_logits.shape == (2, 4, cfg.target_size)
+  assert out.mpm_logits.shape == (2, 4, cfg.target_size) == (2, 4, 48)
+  # The patch embeddings are those of the stem's features of standardised pixels.
+  embedded = fb.PatchEmbeddings(cfg).apply({"params": params["patch_embeddings"]},
+                                           stem_features)
+  again = fb.PatchEmbeddings(cfg).apply(
+      {"params": params["patch_embeddings"]},
+      fb.PatchStem(cfg).apply({"params": params["stem"]}, fb.patchify(pixels, 4)))
+  assert not np.allclose(embedded, again, atol=1e-3)
+  assert np.isfinite(np.asarray(out.last_hidden_state)).all()
 
 
 def test_bad_configs_and_inputs_name_the_field():
@@ -203,7 +227,10 @@ def test_bad_configs_and_inputs_name_the_field():
 def test_zoo_knows_fashionbert():
   assert {"fashionbert-base", "fashionbert-tiny"} <= set(zoo.list_models())
   base = zoo.get_config("fashionbert-base")
-  assert (base.hidden_size, base.num_layers, base.num_patches,
+  assert (base.encoder.hidden_size, base.encoder.num_layers, base.num_patches,
           base.patch_feature_size) == (768, 12, 64, 2048)
+  with pytest.raises(ValueError, match="hidden_sise"):
+    base.replace(hidden_sise=3)
+  assert base.replace(dtype="bfloat16", image_input="pixels").encoder.dtype == "bfloat16"
   assert isinstance(zoo.create_model("fashionbert-tiny", dtype="bfloat16"),
                     fb.FashionBert)

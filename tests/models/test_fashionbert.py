@@ -234,3 +234,17 @@ def test_zoo_knows_fashionbert():
   assert base.replace(dtype="bfloat16", image_input="pixels").encoder.dtype == "bfloat16"
   assert isinstance(zoo.create_model("fashionbert-tiny", dtype="bfloat16"),
                     fb.FashionBert)
+
+
+def test_every_parameter_has_logical_axes_and_no_mesh_names():
+  cfg = _config(image_input="pixels", image_size=8, patch_size=4, stem_channels=(3, 5))
+  model = fb.FashionBert(cfg)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), np.ones((2, 4), np.int32), pixels=np.zeros((2, 8, 8, 3))))
+  leaves = jax.tree.leaves(variables["params"],
+                           is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert len(leaves) > 20
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned)
+    assert len(leaf.names) == leaf.value.ndim
+    assert not {"data", "fsdp", "model", "stage"} & set(leaf.names)

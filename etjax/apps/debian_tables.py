@@ -7,7 +7,8 @@ writes headerless TSVs (train and dev splits follow the data's split column, whi
 keeps related packages together):
 
 - use_{train,dev}.tsv          text, use-debtag                  (classification)
-- multilabel_{train,dev}.tsv   text, "section,use-debtag"        (multi-label)
+- multilabel_{train,dev}.tsv   text, "section,use-debtag" (dev rows of sections
+                               absent from train left out)       (multi-label)
 - match_{train,dev}.tsv        text_a, text_b, 1 if both packages are in the same
                                archive section else 0 (balanced)  (matching)
 - tags_{train,dev}.tsv         words, BIO tags (rows with an entity, and every
@@ -155,7 +156,10 @@ def write_tables(debian_dir: str, out: str, *, max_words: int = 40, qa_words: in
   for split, items in texts.items():
     short = lambda t: " ".join(t.split()[:max_words])
     write(f"use_{split}.tsv", [(short(t), use) for t, _, use in items])
-    write(f"multilabel_{split}.tsv", [(short(t), f"{sec},{use}") for t, sec, use in items])
+    # Sections only seen in dev are dropped there: a label the model never saw.
+    known = {sec for _, sec, _ in texts["train"]}
+    write(f"multilabel_{split}.tsv", [(short(t), f"{sec},{use}") for t, sec, use in items
+                                      if sec in known])
     write(f"match_{split}.tsv", match_pairs(items, pairs[split], seed, max_words))
     # Sentences with an entity, and every fourth one without (entities are sparse).
     tag_rows, plain = [], 0

@@ -48,6 +48,9 @@ def test_tables_from_the_shared_data(tmp_path):
   for line in open(tmp_path / "tags_dev.tsv", encoding="utf-8"):
     words, tags = line.rstrip("\n").split("\t")
     assert len(words.split()) == len(tags.split())
+  labels = lambda name: {l for line in open(tmp_path / name, encoding="utf-8")
+                         for l in line.rstrip("\n").split("\t")[1].split(",")}
+  assert labels("multilabel_dev.tsv") <= labels("multilabel_train.tsv")
   for line in open(tmp_path / "qa_dev.tsv", encoding="utf-8"):
     _, context, answer, _ = line.rstrip("\n").split("\t")
     assert answer in context

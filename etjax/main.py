@@ -141,8 +141,8 @@ def train(workdir: str = gin.REQUIRED, num_steps: Optional[int] = None,
   num_steps or num_epochs (passes over the training set, ceil(N / batch_size) updates
   each) sets the run's length; at most one of the two (neither: 100 steps).
   compute_dtype: the model's activation dtype; parameters, optimizer state and
-  accumulations stay float32 (bfloat16 matched float32's accuracy on the Debian task,
-  benchmarks/RESULTS.md). length_buckets: batches are padded to one of this many
+  accumulations stay float32 (the demo's accuracies held in bfloat16; the Debian
+  comparison is pending, benchmarks/RESULTS.md). length_buckets: batches are padded to one of this many
   lengths up to max_length (0: always max_length); group_by_length: windows of this
   many batches are regrouped by length (1: off). compilation_cache: jax's persistent
   cache directory ('auto': ~/.cache/etjax/jax-cache or $ETJAX_COMPILATION_CACHE;

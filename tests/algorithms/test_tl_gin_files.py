@@ -7,12 +7,12 @@ from __future__ import annotations
 import inspect
 import pathlib
 
-import gin.config_parser
 import jax
 import numpy as np
 import optax
 import pytest
 
+from etjax import main
 from etjax.algorithms import feature_based as fb
 from etjax.algorithms import instance_based as ib
 from etjax.algorithms import ruder_plank as rp
@@ -24,25 +24,9 @@ FEATURE_FILES = ("fully_shared", "shared_private", "shared_private_adv", "drss",
                  "drss_adv")
 
 
-class _LiteralsOnly(gin.config_parser.ParserDelegate):
-  """These files bind literals only; a reference or macro is an error."""
-
-  def configurable_reference(self, scoped_name, evaluate):
-    raise ValueError(f"unexpected configurable reference @{scoped_name}")
-
-  def macro(self, macro_name):
-    raise ValueError(f"unexpected macro %{macro_name}")
-
-
 def _bindings(relative: str) -> dict[str, dict]:
-  """{selector: {arg: value}} of one gin file (no includes expected)."""
-  out: dict[str, dict] = {}
-  with open(ROOT / relative) as f:
-    for statement in gin.config_parser.ConfigParser(f, _LiteralsOnly()):
-      assert isinstance(statement, gin.config_parser.BindingStatement), statement
-      assert not statement.scope, f"{relative}: keep gin files free of scopes"
-      out.setdefault(statement.selector, {})[statement.arg_name] = statement.value
-  return out
+  """{selector: {arg: value}} of one gin file, read as `etjax run` reads it."""
+  return main.algorithm_file_bindings(str(ROOT / relative))
 
 
 def _batch(n=4, length=6, vocab=20):
@@ -90,3 +74,18 @@ def test_ruder_plank_file_binds_existing_parameters():
     fb.build_feature_step("ss", lambda: BagOfEmbeddings(20, 8), optax.sgd(0.1))
   with pytest.raises(ValueError, match="unknown instance-based method"):
     ib.build_instance_step("l2tl", None, optax.sgd(0.1))
+
+
+def test_algorithm_settings_read_every_file_and_name_a_bad_line(tmp_path):
+  settings = main.algorithm_settings()
+  files = sorted(p.stem for p in (ROOT / "gin" / "algorithms").glob("*.gin"))
+  assert sorted(settings) == files
+  assert settings["drss"]["feature_tl"]["drss_weight"] == 1e-3
+  assert settings["metakd"]["metakd"]["own_domain_weight"] == 0.5
+  (tmp_path / "good.gin").write_text("kd.temperature = 2.0\n")
+  (tmp_path / "bad.gin").write_text("# a comment\nkd.temperature = 2.0\nkd.losses = @x\n")
+  with pytest.raises(ValueError, match=r"bad.gin: unexpected configurable reference @x"):
+    main.algorithm_settings(str(tmp_path))
+  (tmp_path / "bad.gin").write_text("kd.temperature = 2.0\nscope/kd.temperature = 1.0\n")
+  with pytest.raises(ValueError, match=r"bad.gin:2: algorithm files hold plain bindings"):
+    main.algorithm_settings(str(tmp_path))

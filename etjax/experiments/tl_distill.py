@@ -1,9 +1,7 @@
 """Distillation on synthetic multi-domain reviews, shaped like the paper's Table 10.
 
-    python -m etjax.experiments.tl_distill                    # seeds 0 1 2, markdown table
-    python -m etjax.experiments.tl_distill --seeds 0 --teacher_steps 100 --student_steps 100
-    python -m etjax.experiments.tl_distill --rows bert_mix tinybert_mix   # some rows
-    python -m etjax.experiments.tl_distill --adabert        # AdaBERT's found student vs teacher
+    etjax run --gin_file=gin/runs/table10_tinybert.gin   # teachers and TinyBERT
+    etjax run --gin_file=gin/runs/table10_adabert.gin    # AdaBERT's found student
 
 Four domains (books, dvd, electronics, kitchen), each with `train_size` labelled
 reviews and `test_size` clean test reviews. Teachers (BERT, 4 layers, width 64):
@@ -13,42 +11,63 @@ two stages (intermediate layers with the map m -> m*N/M = 2, 4, then soft logits
 the training inputs their teacher saw: from each BERT-s on its domain, from BERT-mix
 on all domains. Every model is evaluated on each domain's test set; cells are mean
 +- standard deviation of the accuracy (%) over the seeds, which draw both the data
-and the initialisation. One compiled update per kind of step serves every domain and
-seed (teachers' parameters are swapped into the student state).
+and the initialisation.
 
---adabert instead searches an AdaBERT student (2 cells of 3 nodes, width 32) under a
-BERT-s teacher of one domain, retrains the derived cell with KD, and reports both
-models' parameters, accuracy and predict latency (median of 20 jitted calls, batch
-256), the speed a ratio measured in the same run.
+Every model trains through the one Trainer (`etjax.train.fit.fit_arrays`); TinyBERT's
+two stages are one TrainStep (etjax.algorithms.tinybert), so one run. A student's step
+is built once with a placeholder teacher, and each run swaps its teacher's parameters
+into the fresh state (`start_from`), so one compiled update serves every teacher. The
+methods' settings (TinyBERT's losses, layer map and temperature; AdaBERT's cell space
+and search weights) are gin/algorithms/{tinybert,adabert}.gin's, passed in as
+`settings` by `etjax run`; `overrides` replaces some for one table ({file stem: {arg:
+value}}); the run files bind the experiment's own design (sizes, steps, seeds).
+
+The AdaBERT experiment searches a student (cells of the search space, width 32) under
+a BERT-s teacher of one domain, retrains the derived cell with the search's KD and CE
+terms (gamma, T; no efficiency term), and reports both models' parameters, accuracy and
+predict latency (median of 20 jitted calls, batch 256), the speed a ratio measured in
+the same run.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import optax
 import numpy as np
+import optax
 
 from etjax import data as data_lib
+from etjax.algorithms import adabert as ab
 from etjax.algorithms import optim
 from etjax.algorithms import tinybert as tb
+from etjax.algorithms.distill import distill, hinton
 from etjax.algorithms.finetune import finetune
 from etjax.algorithms.step import unbox
 from etjax.data import synthetic
 from etjax.experiments.rows import select
+from etjax.train import fit as fit_lib
 import etjax.models as models
 
 MAX_LENGTH = 48
 # The models' vocabulary: every seed's tokenizer has at most this many ids, so one
 # compiled step serves all seeds.
 VOCAB = 1000
+BATCH_SIZE = 32
 DOMAINS = synthetic.DOMAINS
 ROWS = {"bert_s": "BERT-s (teacher)", "bert_mix": "BERT-mix (teacher)",
         "tinybert_s": "TinyBERT from BERT-s", "tinybert_mix": "TinyBERT from BERT-mix"}
+Settings = Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+
+def method_settings(settings: Settings, stem: str, selector: str,
+                    overrides: Optional[Mapping[str, Mapping]] = None) -> dict:
+  """gin/algorithms/<stem>.gin's `selector` bindings, with overrides[stem] over them."""
+  if selector not in settings.get(stem, {}):
+    raise ValueError(f"settings have no {selector}.* bindings of gin/algorithms/"
+                     f"{stem}.gin (pass etjax.main.algorithm_settings())")
+  return {**settings[stem][selector], **(overrides or {}).get(stem, {})}
 
 
 def classifier(hidden: int, layers: int, classes: int = 2, vocab: int = VOCAB,
@@ -74,151 +93,95 @@ def encoded_domains(seed: int, train_size: int, test_size: int):
   return out, mixed
 
 
-class Runner:
-  """Jits a TrainStep's init, update and predict once; trains and evaluates."""
-
-  def __init__(self, step):
-    self.step = step
-    self.init = jax.jit(step.init)
-    self.update = jax.jit(step.update)
-    self.predict = jax.jit(step.predict)
-
-  def train(self, data, num_steps: int, seed: int, batch_size: int = 32,
-            teacher_params=None):
-    """Trains from a fresh init (with `teacher_params`, plain, swapped in)."""
-    iterator = data_lib.train_iterator(data, batch_size, seed=seed, process_count=1,
-                                       process_index=0)
-    state = self.init(jax.random.PRNGKey(seed), next(iterator))
-    if teacher_params is not None:
-      state = state.replace(teacher_params=_rebox(state.teacher_params, teacher_params))
-    for _ in range(num_steps):
-      state, _ = self.update(state, next(iterator))
-    return state
-
-  def accuracy(self, state, data) -> float:
-    correct = total = 0.0
-    for batch in data_lib.eval_batches(data, 200, process_count=1, process_index=0):
-      logits = np.asarray(self.predict(state, batch)["logits"])
-      correct += float(((logits.argmax(-1) == batch["labels"]) * batch["weight"]).sum())
-      total += float(batch["weight"].sum())
-    return 100.0 * correct / total
+def teacher_step(steps: int, learning_rate: float = 2e-3):
+  """(module, fine-tuning step) of a 4 x 64 teacher (AdamW, 10% warm-up)."""
+  model = classifier(64, 4)
+  return model, finetune(model, optim.make_optimizer(
+      "adamw", learning_rate=learning_rate, total_steps=steps, warmup_steps=steps // 10))
 
 
-def _rebox(boxed, plain):
-  # Same tree up to the boxes: the boxes' values are the leaves, in the same order.
-  return jax.tree.unflatten(jax.tree.structure(boxed), jax.tree.leaves(plain))
+def placeholder_teacher():
+  """(4 x 64 teacher module, zero plain params): a student step's teacher until a
+  run swaps the trained one in (`with_teacher`)."""
+  model = classifier(64, 4)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          np.zeros((2, MAX_LENGTH), np.int32))
+  return model, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                             unbox(shapes["params"]))
 
 
-def table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
-            teacher_steps: int = 300, student_steps: int = 300,
-            rows: Sequence[str] = tuple(ROWS)) -> dict:
-  """Runs the selected rows (keys of ROWS) for every seed; a TinyBERT row trains its
-  teacher whether or not the teacher's row is selected.
+def with_teacher(teacher_params):
+  """start_from: a fresh DistillState with `teacher_params` (plain) swapped in."""
+  def start(fresh):
+    # Same tree up to the boxes: the boxes' values are the leaves, in the same order.
+    # Copies: the student's updates donate their state, which must not delete the
+    # teacher's own (still evaluated) parameters.
+    leaves = [jax.numpy.array(x, copy=True) for x in jax.tree.leaves(teacher_params)]
+    return fresh.replace(teacher_params=jax.tree.unflatten(
+        jax.tree.structure(fresh.teacher_params), leaves))
+  return start
 
-  Returns:
-    {row name: {domain: [accuracy % per seed]}}.
-  """
-  rows = select("distill_table10.rows", rows, tuple(ROWS))
-  results: dict = {}
-  runners = {}
-  for seed in seeds:
-    data, mixed = encoded_domains(seed, train_size, test_size)
-    if "teacher" not in runners:
-      teacher_model = classifier(64, 4)
-      student_model = classifier(32, 2)
-      runners["teacher"] = Runner(finetune(teacher_model, optim.make_optimizer(
-          "adamw", learning_rate=2e-3, total_steps=teacher_steps,
-          warmup_steps=teacher_steps // 10)))
-      stage1 = student_steps // 2
-      stage2 = student_steps - stage1
-      placeholder = jax.eval_shape(teacher_model.init, jax.random.PRNGKey(0),
-                                   mixed["input_ids"][:2])["params"]
-      placeholder = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), unbox(placeholder))
-      runners["student"] = Runner(tb.tinybert(
-          student_model, (teacher_model, placeholder),
-          optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=stage1),
-          optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=stage2),
-          intermediate_steps=stage1, temperature=1.0))
-    teacher_runner, student_runner = runners["teacher"], runners["student"]
 
-    def record(row, domain, runner, state):
+def train(step, data, steps: int, seed: int, teacher_params=None):
+  """(Trainer, final state) of `step` trained on `data` (a teacher swapped in)."""
+  start = None if teacher_params is None else with_teacher(teacher_params)
+  trainer, result = fit_lib.fit_arrays(step, data, num_steps=steps,
+                                       batch_size=BATCH_SIZE, seed=seed,
+                                       start_from=start)
+  return trainer, result.state
+
+
+def accuracy(run, data) -> float:
+  """Accuracy (%) of a (Trainer, state) on encoded data."""
+  return 100.0 * fit_lib.accuracy(run[0], run[1], data)
+
+
+def check_overrides(what: str, overrides: Optional[Mapping], known: Sequence[str]):
+  """Raises ValueError for an override of a selector the experiment does not use."""
+  unknown = sorted(set(overrides or {}) - set(known))
+  if unknown:
+    raise ValueError(f"{what}: overrides of unknown selector(s) {unknown}; known: "
+                     f"{list(known)}")
+
+
+def tinybert_step(settings: Settings, overrides, student_steps: int,
+                  learning_rate: float = 3e-3):
+  """TinyBERT (2 x 32 student under a placeholder 4 x 64 teacher), stage 1 for half of
+  `student_steps` (the table's split; tinybert.gin's intermediate_steps is replaced),
+  each stage AdamW from `learning_rate` decaying over its own steps."""
+  stage1 = student_steps // 2
+  kwargs = dict(method_settings(settings, "tinybert", "tinybert", overrides),
+                intermediate_steps=stage1)
+  tx = lambda n: optim.make_optimizer("adamw", learning_rate=learning_rate,
+                                      total_steps=n)
+  return tb.tinybert(classifier(32, 2), placeholder_teacher(), tx(stage1),
+                     tx(student_steps - stage1), **kwargs)
+
+
+def table10_seed(seed: int, rows: Sequence[str], steps, sizes, num_steps) -> dict:
+  """{row: {domain: accuracy %}} of one seed; steps = (teacher, student) TrainSteps,
+  sizes = (train, test), num_steps = (teacher's, student's)."""
+  data, mixed = encoded_domains(seed, *sizes)
+  (teacher, student), (teacher_steps, student_steps) = steps, num_steps
+  out: dict = {row: {} for row in rows}
+
+  def runs(train_set, domains, teacher_row: str, student_row: str):
+    """Trains the teacher (and its TinyBERT student when selected) on `train_set`;
+    records the selected ones on the test sets of `domains`."""
+    trained = {teacher_row: train(teacher, train_set, teacher_steps, seed)}
+    if student_row in rows:
+      trained[student_row] = train(student, train_set, student_steps, seed,
+                                   teacher_params=unbox(trained[teacher_row][1].params))
+    for row, run in trained.items():
       if row in rows:
-        results.setdefault(ROWS[row], {}).setdefault(domain, []).append(
-            runner.accuracy(state, data[domain]["test"]))
+        out[row].update({d: accuracy(run, data[d]["test"]) for d in domains})
 
-    def distil(teacher_state, train):
-      return student_runner.train(train, student_steps, seed,
-                                  teacher_params=unbox(teacher_state.params))
-
-    mix_teacher = mix_student = None
-    if {"bert_mix", "tinybert_mix"} & set(rows):
-      mix_teacher = teacher_runner.train(mixed, teacher_steps, seed)
-      mix_student = distil(mix_teacher, mixed) if "tinybert_mix" in rows else None
+  if {"bert_mix", "tinybert_mix"} & set(rows):
+    runs(mixed, DOMAINS, "bert_mix", "tinybert_mix")
+  if {"bert_s", "tinybert_s"} & set(rows):
     for domain in DOMAINS:
-      if {"bert_s", "tinybert_s"} & set(rows):
-        single = teacher_runner.train(data[domain]["train"], teacher_steps, seed)
-        record("bert_s", domain, teacher_runner, single)
-      record("bert_mix", domain, teacher_runner, mix_teacher)
-      if "tinybert_s" in rows:
-        record("tinybert_s", domain, student_runner,
-               distil(single, data[domain]["train"]))
-      record("tinybert_mix", domain, student_runner, mix_student)
-  for row in results.values():
-    row["Average"] = list(np.mean([row[d] for d in DOMAINS], axis=0))
-  return results
-
-
-def _time_predict(runner: Runner, state, batch, repeats: int = 20) -> float:
-  """Median milliseconds of one jitted predict call on `batch` (compiled first)."""
-  jax.block_until_ready(runner.predict(state, batch))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(runner.predict(state, batch))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
-def adabert_report(seed: int = 0, domain: str = "electronics", train_size: int = 400,
-                   test_size: int = 400, teacher_steps: int = 300,
-                   search_steps: int = 200, student_steps: int = 300,
-                   beta: float = 0.05) -> dict:
-  """AdaBERT on one domain: search under the fine-tuned teacher, derive, retrain with
-  KD; returns the genotype, parameter counts, accuracies and predict latency (batch
-  256) of teacher and student."""
-  from etjax.algorithms import adabert as ab  # pylint: disable=g-import-not-at-top
-  from etjax.algorithms.distill import distill, hinton  # pylint: disable=g-import-not-at-top
-  data, _ = encoded_domains(seed, train_size, test_size)
-  train, test = data[domain]["train"], data[domain]["test"]
-  teacher_model = classifier(64, 4)
-  teacher = Runner(finetune(teacher_model, optim.make_optimizer(
-      "adamw", learning_rate=2e-3, total_steps=teacher_steps,
-      warmup_steps=teacher_steps // 10)))
-  teacher_state = teacher.train(train, teacher_steps, seed)
-  teacher_pair = (teacher_model, unbox(teacher_state.params))
-  config = ab.AdaBertConfig(vocab_size=VOCAB, width=32, num_cells=2, num_nodes=3,
-                            max_length=MAX_LENGTH)
-  search = Runner(ab.adabert_search(config, teacher_pair, optax.adam(3e-3),
-                                    optax.adam(3e-2), gamma=0.8, beta=beta,
-                                    temperature=2.0))
-  search_state = search.train(train, search_steps, seed)
-  genotype = ab.derive_genotype(unbox(search_state.params["student"]["alpha"]), config)
-  ab.check_genotype(genotype, config)
-  student = Runner(distill(ab.AdaBert(config, genotype), teacher_pair,
-                           optim.make_optimizer("adamw", learning_rate=5e-3,
-                                                total_steps=student_steps),
-                           losses=hinton(1.0), temperature=2.0))
-  student_state = student.train(train, student_steps, seed)
-  batch = next(iter(data_lib.eval_batches(test, 256, process_count=1, process_index=0)))
-  return {
-      "genotype": genotype,
-      "teacher_params": ab.param_count(teacher_state.params),
-      "student_params": ab.param_count(student_state.params["student"]),
-      "teacher_accuracy": teacher.accuracy(teacher_state, test),
-      "student_accuracy": student.accuracy(student_state, test),
-      "teacher_ms": _time_predict(teacher, teacher_state, batch),
-      "student_ms": _time_predict(student, student_state, batch),
-      "expected_cost": ab.architecture_weights(search_state, config)[1]}
+      runs(data[domain]["train"], (domain,), "bert_s", "tinybert_s")
+  return out
 
 
 def markdown(results: dict, seeds) -> str:
@@ -234,55 +197,144 @@ def markdown(results: dict, seeds) -> str:
   return "\n".join(lines)
 
 
-def run_table10(seeds=(0, 1, 2), train_size: int = 400, test_size: int = 400,
-                teacher_steps: int = 300, student_steps: int = 300,
-                rows: Sequence[str] = tuple(ROWS)) -> str:
-  """Table 10's teacher and TinyBERT rows as markdown (gin/runs/table10_tinybert.gin);
-  `rows` selects of ROWS."""
-  return markdown(table10(tuple(seeds), train_size, test_size, teacher_steps,
-                          student_steps, rows), seeds)
+def run_table10(*, settings: Settings, seeds=(0, 1, 2), train_size: int = 400,
+                test_size: int = 400, teacher_steps: int = 300, student_steps: int = 300,
+                rows: Sequence[str] = tuple(ROWS),
+                overrides: Optional[Mapping[str, Mapping]] = None) -> str:
+  """Table 10's teacher and TinyBERT rows as markdown (gin/runs/table10_tinybert.gin).
+
+  Args:
+    settings: {file stem: {selector: {arg: value}}} of gin/algorithms/*.gin, which
+      `etjax run` passes (etjax.main.algorithm_settings); TinyBERT's come from
+      settings['tinybert']['tinybert'].
+    seeds: each draws the data and the initialisations.
+    train_size, test_size: reviews per domain.
+    teacher_steps, student_steps: updates of each teacher and each student (half of a
+      student's in TinyBERT's stage 1).
+    rows: keys of ROWS to run; a TinyBERT row trains its teacher either way.
+    overrides: {'tinybert': {arg: value}} over tinybert.gin's bindings.
+  """
+  rows = select("distill_table10.rows", rows, tuple(ROWS))
+  check_overrides("distill_table10", overrides, ("tinybert",))
+  steps = (teacher_step(teacher_steps)[1],
+           tinybert_step(settings, overrides, student_steps))
+  per_seed = [table10_seed(seed, rows, steps, (train_size, test_size),
+                           (teacher_steps, student_steps)) for seed in seeds]
+  results = {}
+  for row in rows:
+    cells = {d: [s[row][d] for s in per_seed] for d in DOMAINS}
+    cells["Average"] = list(np.mean([cells[d] for d in DOMAINS], axis=0))
+    results[ROWS[row]] = cells
+  return markdown(results, seeds)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--train_size", type=int, default=400)
-  parser.add_argument("--test_size", type=int, default=400)
-  parser.add_argument("--teacher_steps", type=int, default=300)
-  parser.add_argument("--student_steps", type=int, default=300)
-  parser.add_argument("--search_steps", type=int, default=200)
-  parser.add_argument("--beta", type=float, default=0.05,
-                      help="AdaBERT's efficiency weight")
-  parser.add_argument("--rows", nargs="+", default=list(ROWS),
-                      help="Table 10 rows to run")
-  parser.add_argument("--adabert", action="store_true",
-                      help="instead of Table 10, report AdaBERT's found student")
-  args = parser.parse_args(argv)
-  start = time.time()
-  if args.adabert:
-    report = adabert_report(args.seeds[0], train_size=args.train_size,
-                            test_size=args.test_size, teacher_steps=args.teacher_steps,
-                            search_steps=args.search_steps,
-                            student_steps=args.student_steps, beta=args.beta)
-    print("| Model | Parameters | Accuracy (%) | Predict ms (batch 256) |")
-    print("| --- | --- | --- | --- |")
-    for who in ("teacher", "student"):
-      print(f"| {'BERT 4x64 teacher' if who == 'teacher' else 'AdaBERT student'} | "
-            f"{report[who + '_params']:,} | {report[who + '_accuracy']:.1f} | "
-            f"{report[who + '_ms']:.2f} |")
-    print(f"\nGenotype: {report['genotype']}; expected cost after search "
-          f"{report['expected_cost']:.3f}")
-    print(f"\nCommand: python -m etjax.experiments.tl_distill "
-          f"{' '.join(argv or sys.argv[1:])}  ({time.time() - start:.0f} s on "
-          f"{jax.devices()[0].platform})")
-    return 0
-  results = table10(tuple(args.seeds), args.train_size, args.test_size,
-                    args.teacher_steps, args.student_steps, args.rows)
-  print(markdown(results, args.seeds))
-  print(f"\nCommand: python -m etjax.experiments.tl_distill {' '.join(argv or sys.argv[1:])}"
-        f"  ({time.time() - start:.0f} s on {jax.devices()[0].platform})")
-  return 0
+def time_predict(step, state, batch, repeats: int = 20) -> float:
+  """Median milliseconds of one jitted `step.predict` call on `batch` (compiled
+  first): a measurement, not training, so a direct call."""
+  predict = jax.jit(step.predict)
+  jax.block_until_ready(predict(state, batch))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(predict(state, batch))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+def adabert_search_step(settings: Settings, overrides, width: int,
+                        learning_rates=(3e-3, 3e-2)):
+  """(AdaBertConfig, adabert_search's settings, the search step under a placeholder
+  teacher); the ops' weights and alpha each with Adam at its learning rate."""
+  config = ab.AdaBertConfig(**dict(
+      method_settings(settings, "adabert", "AdaBertConfig", overrides),
+      vocab_size=VOCAB, width=width, max_length=MAX_LENGTH))
+  kwargs = method_settings(settings, "adabert", "adabert_search", overrides)
+  step = ab.adabert_search(config, placeholder_teacher(), optax.adam(learning_rates[0]),
+                           optax.adam(learning_rates[1]), **kwargs)
+  return config, kwargs, step
+
+
+def adabert_retrain_step(config, genotype, search_kwargs, steps: int,
+                         learning_rate: float = 5e-3):
+  """The derived student distilled with the search's (1 - gamma) CE + gamma KD at its
+  temperature (no efficiency term), AdamW decaying over `steps`."""
+  return distill(ab.AdaBert(config, genotype), placeholder_teacher(),
+                 optim.make_optimizer("adamw", learning_rate=learning_rate,
+                                      total_steps=steps),
+                 losses=hinton(search_kwargs["gamma"]),
+                 temperature=search_kwargs["temperature"])
+
+
+def adabert_seed(seed: int, steps, search, domain: str, sizes, num_steps) -> dict:
+  """One seed of the AdaBERT experiment: teacher, search, derivation, retraining.
+
+  Args:
+    steps: (teacher, search) TrainSteps; search: (config, search settings).
+    sizes: (train, test) reviews; num_steps: (teacher, search, retraining) updates.
+  """
+  data, _ = encoded_domains(seed, *sizes)
+  train_set, test = data[domain]["train"], data[domain]["test"]
+  config, search_kwargs = search
+  teacher = train(steps[0], train_set, num_steps[0], seed)
+  teacher_params = unbox(teacher[1].params)
+  searched = train(steps[1], train_set, num_steps[1], seed, teacher_params)
+  genotype = ab.derive_genotype(unbox(searched[1].params["student"]["alpha"]), config)
+  ab.check_genotype(genotype, config)
+  retrain = adabert_retrain_step(config, genotype, search_kwargs, num_steps[2])
+  student = train(retrain, train_set, num_steps[2], seed, teacher_params)
+  batch = next(iter(fit_lib.eval_batches(test, 256)()))
+  return {"genotype": genotype,
+          "teacher_params": ab.param_count(teacher_params),
+          "student_params": ab.param_count(student[1].params["student"]),
+          "teacher_accuracy": accuracy(teacher, test),
+          "student_accuracy": accuracy(student, test),
+          "teacher_ms": time_predict(steps[0], teacher[1], batch),
+          "student_ms": time_predict(retrain, student[1], batch),
+          "expected_cost": ab.architecture_weights(searched[1], config,
+                                                   search_kwargs["cost"])[1]}
+
+
+def adabert_markdown(reports: Sequence[dict], seeds) -> str:
+  """Teacher vs found student: parameters, accuracy and latency per seed and mean."""
+  get = lambda key: np.array([r[key] for r in reports], np.float64)
+  lines = ["| Model | Parameters | Accuracy (%) | Predict ms, batch 256 |",
+           "| --- | --- | --- | --- |"]
+  for who, name in (("teacher", "BERT 4x64 teacher"), ("student", "AdaBERT student")):
+    sizes = sorted({r[who + "_params"] for r in reports})
+    lines.append(f"| {name} | {' / '.join(f'{n:,}' for n in sizes)} | "
+                 f"{get(who + '_accuracy').mean():.1f} ± "
+                 f"{get(who + '_accuracy').std():.1f} | {get(who + '_ms').mean():.2f} |")
+  lines.append(f"\nMean ± std over seeds {list(seeds)}; per seed (genotype, expected "
+               "cost after search, teacher/student parameters and predict time):")
+  for seed, r in zip(seeds, reports):
+    lines.append(f"- seed {seed}: {r['genotype']}, cost {r['expected_cost']:.3f}, "
+                 f"{r['teacher_params'] / r['student_params']:.1f}x smaller, "
+                 f"{r['teacher_ms'] / r['student_ms']:.1f}x faster")
+  return "\n".join(lines)
+
+
+def run_adabert(*, settings: Settings, seeds=(0, 1, 2), domain: str = "electronics",
+                train_size: int = 400, test_size: int = 400, teacher_steps: int = 300,
+                search_steps: int = 200, student_steps: int = 300, width: int = 32,
+                overrides: Optional[Mapping[str, Mapping]] = None) -> str:
+  """AdaBERT under a BERT-s teacher of `domain` as markdown
+  (gin/runs/table10_adabert.gin).
+
+  Args:
+    settings: as in run_table10; AdaBERT's from settings['adabert'] (AdaBertConfig's
+      cell space, adabert_search's gamma, beta, temperature and cost).
+    seeds, train_size, test_size: as in run_table10.
+    teacher_steps, search_steps, student_steps: updates of the teacher, the search
+      and the retraining of the derived student.
+    width: the student's width (the table's; AdaBertConfig.width is replaced, as are
+      vocab_size and max_length by the data's).
+    overrides: {'AdaBertConfig' or 'adabert_search': {arg: value}} over adabert.gin.
+  """
+  check_overrides("distill_adabert", overrides, ("AdaBertConfig", "adabert_search"))
+  config, kwargs, search = adabert_search_step(settings, overrides, width)
+  steps = (teacher_step(teacher_steps)[1], search)
+  reports = [adabert_seed(seed, steps, (config, kwargs), domain,
+                          (train_size, test_size),
+                          (teacher_steps, search_steps, student_steps))
+             for seed in seeds]
+  return adabert_markdown(reports, seeds)

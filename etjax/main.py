@@ -195,6 +195,7 @@ EXPERIMENTS = {
     "feature_table8": ("etjax.experiments.tl_feature_instance", "run_table8"),
     "instance_table9": ("etjax.experiments.tl_feature_instance", "run_table9"),
     "distill_table10": ("etjax.experiments.tl_distill", "run_table10"),
+    "distill_adabert": ("etjax.experiments.tl_distill", "run_adabert"),
     "meta_table10": ("etjax.experiments.tl_meta", "run_table10"),
     "meta_table11": ("etjax.experiments.tl_meta", "run_table11"),
     "meta_table12": ("etjax.experiments.tl_meta", "run_table12"),

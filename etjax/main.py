@@ -53,12 +53,37 @@ def data(source: str = "synthetic", *, train_path: Optional[str] = None,
          debian_dir: Optional[str] = None, debian_task: str = "use",
          task_or_mixture: Optional[str] = None, seqio_modules: Sequence[str] = (),
          train_split: str = "train", eval_split: str = "test",
-         num_train_examples: Optional[int] = None):
+         num_train_examples: Optional[int] = None, dev_path: Optional[str] = None,
+         target_domains: Optional[Sequence[str]] = None):
   """The job's labelled data: 'synthetic', 'files' (CSV/TSV/JSONL), 'debian' or 'seqio'
   (a Task or Mixture named by task_or_mixture, registered by importing seqio_modules,
-  or one of the Debian tasks when debian_dir is given)."""
+  or one of the Debian tasks when debian_dir is given). dev_path: target rows for
+  model choices and keep-best (files). target_domains: the domain values that are the
+  target of `transfer.method`; every other domain of the training data is a source."""
+  import dataclasses as dc  # pylint: disable=g-import-not-at-top
+  splits = _read_data(source, train_path=train_path, eval_path=eval_path, format=format,
+                      text_a=text_a, text_b=text_b, label=label, domain=domain,
+                      header=header, on_error=on_error, synthetic_task=synthetic_task,
+                      domains=domains, train_size=train_size, eval_size=eval_size,
+                      label_noise=label_noise, seed=seed, debian_dir=debian_dir,
+                      debian_task=debian_task, task_or_mixture=task_or_mixture,
+                      seqio_modules=seqio_modules, train_split=train_split,
+                      eval_split=eval_split, num_train_examples=num_train_examples,
+                      dev_path=dev_path)
+  if isinstance(target_domains, str):
+    raise ValueError(f"data.target_domains = {target_domains!r}: give a list, e.g. "
+                     f"['{target_domains}']")
+  return dc.replace(splits, target_domains=tuple(target_domains or ()))
+
+
+def _read_data(source: str, *, train_path, eval_path, format, text_a, text_b, label,  # pylint: disable=redefined-builtin
+               domain, header, on_error, synthetic_task, domains, train_size,
+               eval_size, label_noise, seed, debian_dir, debian_task, task_or_mixture,
+               seqio_modules, train_split, eval_split, num_train_examples, dev_path):
   from etjax.data import readers  # pylint: disable=g-import-not-at-top
   from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  if dev_path and source != "files":
+    raise ValueError(f"data.dev_path is for data.source = 'files', not {source!r}")
   if source == "synthetic":
     return tasks.synthetic_splits(task=synthetic_task, domains=domains,
                                   train_size=train_size, eval_size=eval_size, seed=seed,
@@ -69,7 +94,7 @@ def data(source: str = "synthetic", *, train_path: Optional[str] = None,
     schema = readers.Schema(text_a=text_a, label=label, text_b=text_b, domain=domain,
                             header=header)
     return tasks.file_splits(train_path, eval_path, schema, format=format,
-                             on_error=on_error)
+                             on_error=on_error, dev_path=dev_path)
   if source == "debian":
     if not debian_dir:
       raise ValueError("data.source = 'debian' needs data.debian_dir")
@@ -97,10 +122,15 @@ def classifier(model: Optional[str] = "bert-tiny", pretrained: Optional[str] = N
 @gin.configurable
 def optimizer(name: str = "adamw", learning_rate: float = 5e-5,
               warmup_fraction: float = 0.1, weight_decay: float = 0.01,
-              max_grad_norm: float = 1.0):
-  """Optimizer settings (etjax.algorithms.optim presets)."""
+              max_grad_norm: float = 1.0,
+              new_params_learning_rate: Optional[float] = None):
+  """Optimizer settings (etjax.algorithms.optim presets). new_params_learning_rate:
+  the rate of parameters that do not come from the pretrained backbone (heads,
+  discriminators, ...), which then train apart from the pretrained ones (None: one
+  rate for all)."""
   return dict(name=name, learning_rate=learning_rate, warmup_fraction=warmup_fraction,
-              weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+              weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+              new_params_learning_rate=new_params_learning_rate)
 
 
 @gin.configurable
@@ -113,18 +143,41 @@ def mesh(spec: str = "data=-1", rules: str = "dp"):
 def transfer(peft: str = "none", lora_rank: int = 8, lora_alpha: float = 16.0,
              lora_dropout: float = 0.0, lora_targets: Sequence[str] = ("query", "value"),
              adapter_size: int = 64, prompt_length: int = 20,
-             peft_train: Optional[Sequence[str]] = None):
-  """Parameter-efficient fine-tuning (etjax.algorithms.peft): peft = 'none', 'lora',
-  'adapter' or 'prompt'; peft_train: regexes of base parameters trained as well
-  (None: the head, plus layer norms for adapters). Returns a PeftConfig or None."""
+             peft_train: Optional[Sequence[str]] = None, method: Optional[str] = None,
+             method_args: Optional[dict] = None, teacher: Optional[str] = None):
+  """How the model transfers.
+
+  method: a transfer method over the data's roles (`etjax methods` lists them; None:
+  fine-tune on every training row); method_args: its settings over the defaults of
+  its gin/algorithms file; teacher: the workdir of an `etjax train` run on the same
+  labels, distilled by kd, pkd, distilbert and tinybert. peft: parameter-efficient
+  fine-tuning
+  (etjax.algorithms.peft): 'none', 'lora', 'adapter' or 'prompt'; peft_train: regexes
+  of base parameters trained as well (None: the head, plus layer norms for adapters).
+  Returns {'method', 'method_args', 'peft': a PeftConfig or None}.
+  """
   from etjax.algorithms import peft as peft_lib  # pylint: disable=g-import-not-at-top
+  if method is not None:
+    from etjax.transfer import methods  # pylint: disable=g-import-not-at-top
+    needs_teacher = methods.get(method).needs_teacher
+    if needs_teacher and not teacher:
+      raise ValueError(f"transfer.method = {method!r} needs transfer.teacher: the "
+                       "workdir of an `etjax train` run on the same labels")
+    if teacher and not needs_teacher:
+      raise ValueError(f"transfer.teacher is for the distillation methods, not "
+                       f"{method!r}")
+    if peft != "none":
+      raise ValueError(f"transfer.peft = {peft!r} with transfer.method = {method!r}: "
+                       "PEFT runs with plain fine-tuning only (no method)")
   try:
-    return peft_lib.config_from_flags(
+    peft_config = peft_lib.config_from_flags(
         peft, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_targets=tuple(lora_targets), adapter_size=adapter_size,
         prompt_length=prompt_length, train=peft_train)
   except ValueError as e:
     raise ValueError(f"transfer: {e}") from e
+  return dict(method=method, method_args=dict(method_args or {}), peft=peft_config,
+              teacher=teacher)
 
 
 @gin.configurable
@@ -209,7 +262,7 @@ ALGORITHMS = {
     "adabert_search": ("etjax.algorithms.adabert", "adabert_search"),
     "feature_tl": ("etjax.algorithms.feature_based", "build_feature_step"),
     "instance_tl": ("etjax.algorithms.instance_based", "build_instance_step"),
-    "ruder_plank": ("etjax.algorithms.ruder_plank", "ruder_plank"),
+    "ruder_plank": ("etjax.train.ruder_plank", "search"),
     "metaft": ("etjax.algorithms.metaft", "metaft"),
     "metadtl": ("etjax.algorithms.metadtl", "metadtl"),
     "meta_teacher": ("etjax.algorithms.metakd", "meta_teacher"),
@@ -301,32 +354,33 @@ def _classifier(num_labels: int, model_cfg: dict, tokenizer, pretrained_dir,
       overrides=overrides, load_weights=load_weights)
 
 
+def _trainer_options(run: dict, module) -> dict:
+  """The Trainer options of the `mesh` and `train` settings."""
+  spec, rules = mesh()
+  config = module.encoder.config
+  return dict(mesh=spec, rules=rules, seed=run["seed"], eval_every=run["eval_every"],
+              checkpoint_every=run["checkpoint_every"],
+              keep_best_metric=run["keep_best_metric"], log_every=run["log_every"],
+              progress=run["progress"],
+              pipeline=(config.pipeline_stages, config.pipeline_microbatches),
+              compilation_cache=run["compilation_cache"], prefetch=run["prefetch"])
+
+
 def _trainer(module, pretrained, run: dict, workdir: str):
   """The Trainer of a fine-tuning job (`optimizer`, `mesh` and `train` settings)."""
   from etjax import algorithms  # pylint: disable=g-import-not-at-top
   from etjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
-  opt = optimizer()
+  from etjax.transfer import job as transfer_job  # pylint: disable=g-import-not-at-top
   # num_steps is None only where nothing trains (predict: the schedule is unused).
   total = run["num_steps"] or 1
-  tx = algorithms.make_optimizer(
-      opt["name"], learning_rate=opt["learning_rate"], total_steps=total,
-      warmup_steps=int(opt["warmup_fraction"] * total),
-      weight_decay=opt["weight_decay"], max_grad_norm=opt["max_grad_norm"])
-  peft_config = transfer()
+  tx = transfer_job.make_tx_factory(optimizer())(total, (r"^encoder/",))
+  peft_config = transfer()["peft"]
   if peft_config is None:
     step = algorithms.finetune(module, tx, pretrained=pretrained)
   else:
     from etjax.algorithms import peft  # pylint: disable=g-import-not-at-top
     step = peft.finetune(module, tx, peft_config, pretrained=pretrained)
-  spec, rules = mesh()
-  config = module.encoder.config
-  return Trainer(step, workdir=workdir, num_steps=total, mesh=spec,
-                 rules=rules, seed=run["seed"], eval_every=run["eval_every"],
-                 checkpoint_every=run["checkpoint_every"],
-                 keep_best_metric=run["keep_best_metric"], log_every=run["log_every"],
-                 progress=run["progress"],
-                 pipeline=(config.pipeline_stages, config.pipeline_microbatches),
-                 compilation_cache=run["compilation_cache"], prefetch=run["prefetch"])
+  return Trainer(step, workdir=workdir, num_steps=total, **_trainer_options(run, module))
 
 
 def _buckets(run: dict):
@@ -357,12 +411,62 @@ def _job(workdir_suffix: str = "", **classifier_changes):
   workdir = _workdir(run, workdir_suffix)
   pretrained_dir = (tasks.resolve_pretrained(model_cfg["pretrained"])
                     if model_cfg["pretrained"] else None)
+  teacher = _teacher(splits.label_names) if transfer()["teacher"] else None
   tokenizer = tasks.make_tokenizer(pretrained_dir, tasks.texts_of(splits.train),
-                                   model_cfg["vocab_size"], workdir=workdir)
+                                   model_cfg["vocab_size"], workdir=workdir,
+                                   teacher=teacher and teacher.tokenizer)
   module, pretrained = _classifier(len(splits.label_names), model_cfg, tokenizer,
                                    pretrained_dir)
-  trainer = _trainer(module, pretrained, run, workdir)
-  return trainer, splits, tokenizer, _encoder(tokenizer, run), run, module
+  encode = _encoder(tokenizer, run)
+  if transfer()["method"] is None:
+    trainer = _trainer(module, pretrained, run, workdir)
+  else:
+    trainer = _transfer_run(splits, encode, run, module, pretrained, workdir,
+                            teacher=teacher)
+  return trainer, splits, tokenizer, encode, run, module
+
+
+def _teacher(label_names: Sequence[str]):
+  """transfer.teacher's TrainedClassifier; its labels must be the job's."""
+  from etjax.train import trained  # pylint: disable=g-import-not-at-top
+  path = transfer()["teacher"]
+  if not os.path.isdir(path):
+    raise ValueError(f"transfer.teacher {path!r}: no such directory")
+  teacher = trained.load_classifier(path)
+  if list(teacher.label_names) != list(label_names):
+    raise ValueError(f"transfer.teacher {path!r} was trained on labels "
+                     f"{list(teacher.label_names)}; this job's are {list(label_names)}")
+  return teacher
+
+
+def _transfer_run(splits, encode, run: dict, module, pretrained, workdir: str,
+                  saved_roles=None, teacher=None):
+  """The RecipeRun of `transfer.method` on the data's roles (etjax.transfer); with
+  `saved_roles` (predict: a trained workdir's roles.json) no data is read."""
+  from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from etjax.transfer import job, methods  # pylint: disable=g-import-not-at-top
+  settings = transfer()
+  method = methods.get(settings["method"])
+  if saved_roles is not None:
+    roles, eval_data = saved_roles, None
+  else:
+    roles = job.assign_roles(splits, splits.target_domains, where="data.train_path")
+    methods.check_roles(method, roles)
+    # Model choices (eval_every, keep-best) use the dev rows when there are any.
+    eval_data = pipeline.eval_batches(encode(splits.dev or splits.eval),
+                                      run["eval_batch_size"], buckets=_buckets(run),
+                                      sort_by_length=True)
+  materials = methods.Materials(
+      roles=roles, encode=encode, make_classifier=lambda: module,
+      make_encoder=module.encoder.clone,
+      pretrained_encoder=pretrained["encoder"] if pretrained else None,
+      make_tx=job.make_tx_factory(optimizer()),
+      steps_for=job.steps_rule(run["num_steps"], run["num_epochs"], run["batch_size"]),
+      batch_size=run["batch_size"], seed=run["seed"], eval_data=eval_data,
+      teacher=(teacher.module, teacher.params) if teacher else None)
+  stages = method.build(materials, job.method_settings(method, algorithm_settings(),
+                                                       settings["method_args"]))
+  return job.RecipeRun(stages, workdir, roles=roles, **_trainer_options(run, module))
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -403,18 +507,27 @@ def cmd_train(workdir_suffix: str = "", **classifier_changes) -> dict:
     files[tasks.MODEL_SPEC] = tasks.model_spec(
         module, max_length=run["max_length"],
         name=classifier()["pretrained"] or classifier()["model"])
+    if transfer()["method"] is not None:
+      from etjax.transfer import roles  # pylint: disable=g-import-not-at-top
+      files[assets.ROLES] = roles.as_json(trainer.roles, transfer()["method"],
+                                          splits.schema.domain if splits.schema else None)
     assets.check(trainer.workdir, files)  # before anything is written
     trainer.check_resumable(_first_batch(encode, splits.train))
     trainer.write_config(gin.config_str())
     if primary:
       assets.save(trainer.workdir, files)
-    train_iter = pipeline.train_iterator(encode(splits.train), run["batch_size"],
-                                         seed=run["seed"], buckets=_buckets(run),
-                                         group_batches=run["group_by_length"])
     eval_data = pipeline.eval_batches(encode(splits.eval), run["eval_batch_size"],
                                       buckets=_buckets(run), sort_by_length=True)
-    result = trainer.fit(train_iter, eval_data)
-    metrics = result.eval_metrics or trainer.evaluate(result.state, eval_data)
+    if transfer()["method"] is None:
+      train_iter = pipeline.train_iterator(encode(splits.train), run["batch_size"],
+                                           seed=run["seed"], buckets=_buckets(run),
+                                           group_batches=run["group_by_length"])
+      result = trainer.fit(train_iter, eval_data)
+      metrics = result.eval_metrics or trainer.evaluate(result.state, eval_data)
+    else:
+      result = trainer.fit()  # a RecipeRun: its stages know their data
+      metrics = (result.eval_metrics if not splits.dev and result.eval_metrics else
+                 trainer.evaluate(result.state, eval_data))
   resumed = getattr(trainer, "resumed_from", None)
   if resumed is not None:
     print(f"[{trainer.workdir}] resumed from step {resumed}")
@@ -455,9 +568,18 @@ def cmd_predict(input_path: str, output_path: str, workdir_suffix: str = "") -> 
                     if model_cfg["pretrained"] else None)
   module, _ = _classifier(len(label_names), model_cfg, tokenizer, pretrained_dir,
                           load_weights=False)
-  trainer = _trainer(module, None, run, workdir)
   encode = _encoder(tokenizer, run)
   examples = inputs.examples()
+  if transfer()["method"] is None:
+    trainer = _trainer(module, None, run, workdir)
+  else:
+    from etjax.transfer import roles  # pylint: disable=g-import-not-at-top
+    saved = assets.load_roles(workdir)
+    job_roles = roles.from_json(saved, where=os.path.join(workdir, assets.ROLES))
+    examples = roles.with_domains(examples, inputs, saved, job_roles, where=input_path)
+    teacher = _teacher(label_names) if transfer()["teacher"] else None
+    trainer = _transfer_run(None, encode, run, module, None, workdir,
+                            saved_roles=job_roles, teacher=teacher)
   batch = _first_batch(encode, examples)
   trainer.check_resumable(batch)
   state = trainer.restore(batch)
@@ -504,6 +626,21 @@ def cmd_run() -> None:
 def cmd_models() -> None:
   from etjax.models import list_models  # pylint: disable=g-import-not-at-top
   print("\n".join(list_models()))
+
+
+def cmd_methods() -> None:
+  """`etjax methods`: every transfer.method, one line each, with the settings it takes
+  (transfer.method_args) and their defaults from gin/algorithms."""
+  from etjax.transfer import methods  # pylint: disable=g-import-not-at-top
+  defaults = algorithm_settings()
+  print("transfer.method (bind its settings with --gin.transfer.method_args={...}):")
+  for method in methods.METHODS.values():
+    print(f"  {method.name:<12} {method.family:<9} {method.summary}")
+    if method.settings_file:
+      (settings,) = defaults[method.settings_file].values()
+      shown = ", ".join(f"{k}={v!r}" for k, v in settings.items()
+                        if k not in ("method", "num_domains"))  # derived from the data
+      print(f"  {'':<12} {'':<9} gin/algorithms/{method.settings_file}.gin: {shown}")
 
 
 def cmd_plan() -> int:
@@ -628,6 +765,8 @@ command("run", "run the experiment of the gin file (a paper table)")(cmd_run)
 command("plan", "per-device memory of a zoo model's train step (no gin)",
         uses_gin=False, runtime=False)(cmd_plan)
 command("models", "list the ModelZoo names", uses_gin=False, runtime=False)(cmd_models)
+command("methods", "list the transfer methods (transfer.method) and their settings",
+        uses_gin=False, runtime=False)(cmd_methods)
 
 
 @command("export", "the workdir's best (else latest) checkpoint as a new jax.export "

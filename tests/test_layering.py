@@ -3,7 +3,7 @@
 Layers, bottom up: pallas (imports nothing of etjax); models (pallas); sharding and
 data (nothing of etjax: sharding works on logical names and never sees a model class);
 algorithms (models, pallas, sharding, data; never train); train (algorithms and
-below); apps, serving, experiments (above train, beside each other); main.py (all).
+below); apps, serving, experiments, transfer (above train, beside each other); main.py (all).
 Nothing imports main.py, and only main.py imports gin or defines command-line flags.
 Every import statement counts, also those inside functions.
 """
@@ -18,7 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "etjax"
 
 _BELOW_TRAIN = {"pallas", "models", "sharding", "data", "algorithms"}
-_TOP = {"apps", "serving", "experiments"}
+_TOP = {"apps", "serving", "experiments", "transfer"}
 # package -> the etjax packages its modules may import (besides itself).
 ALLOWED = {
     "pallas": set(),

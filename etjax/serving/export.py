@@ -39,8 +39,7 @@ from jax import export as jax_export
 import etjax
 from etjax import models
 from etjax.serving.loader import FORMAT, FORMAT_VERSION, MANIFEST, sha256_of
-from etjax.train import checkpoints as ckpt_lib
-from etjax.train import tasks
+from etjax.train.trained import load_classifier
 
 WEIGHTS = "weights.npz"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -209,53 +208,6 @@ def export_classifier(module: nn.Module, params: Mapping[str, Any], tokenizer: A
       shutil.rmtree(tmp_dir)
 
 
-def restore_params(checkpoint_dir: str, module: nn.Module, example_length: int = 8
-                   ) -> dict:
-  """The classifier's params (numpy) from one checkpoint step directory, verified
-  against its integrity record; the optimizer state is not read."""
-  ckpt_lib.verify_integrity(checkpoint_dir)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  ids = jnp.zeros((1, example_length), jnp.int32)
-  abstract = nn.meta.unbox(jax.eval_shape(
-      lambda: module.init(jax.random.key(0), ids))["params"])
-  target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                   abstract)}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(
-        os.path.join(checkpoint_dir, "state"),
-        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                    partial_restore=True))
-  return restored["params"]
-
-
-def choose_step(workdir: str, step: Optional[int] = None,
-                best_metric: Optional[str] = "accuracy") -> tuple[int, str]:
-  """(step, how it was chosen): `step` if given, else the best by `best_metric`, else
-  the latest step whose files pass their integrity check."""
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       best_metric=best_metric)
-  try:
-    steps = checkpointer.all_steps()
-    if step is not None:
-      if step not in steps:
-        raise ValueError(f"{checkpointer.directory}: no step {step}; steps: {steps}")
-      return step, "given"
-    best = checkpointer.best_step() if best_metric else None
-    if best is not None:
-      return best, f"best {best_metric}"
-    for candidate in reversed(steps):
-      try:
-        ckpt_lib.verify_integrity(checkpointer.step_dir(candidate))
-        return candidate, "latest"
-      except ckpt_lib.CorruptCheckpointError as e:
-        warnings.warn(f"skipping checkpoint step {candidate}: {e}", RuntimeWarning,
-                      stacklevel=2)
-    raise ValueError(f"{checkpointer.directory}: no complete checkpoint to export")
-  finally:
-    checkpointer.close()
-
-
 def export_workdir(workdir: str, output_dir: str, *, step: Optional[int] = None,
                    best_metric: Optional[str] = "accuracy",
                    lengths: Optional[Sequence[int]] = None,
@@ -266,22 +218,16 @@ def export_workdir(workdir: str, output_dir: str, *, step: Optional[int] = None,
   `best_metric`, else the latest. `dtype` ('float32', 'bfloat16') changes the compute
   dtype from the trained one (the parameters keep theirs). Returns the new version
   directory."""
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise ValueError(f"{workdir} has no checkpoints/ to export")
-  module, spec = tasks.load_model_spec(workdir)
+  trained = load_classifier(workdir, step=step, best_metric=best_metric)
+  module = trained.module
   if dtype is not None:
     config = module.encoder.config.replace(dtype=dtype)
     module = module.clone(encoder=models.module_for(config))
-  tokenizer, label_names = tasks.load_job_assets(workdir)
-  chosen, how = choose_step(workdir, step, best_metric)
-  step_dir = os.path.join(workdir, "checkpoints", str(chosen))
-  try:
-    params = restore_params(step_dir, module)
-  except ckpt_lib.CorruptCheckpointError as e:
-    raise ValueError(f"cannot export: {e}") from e
-  source = {"workdir": workdir, "checkpoint_step": chosen, "checkpoint_choice": how,
+  source = {"workdir": os.path.abspath(workdir), "checkpoint_step": trained.step,
+            "checkpoint_choice": trained.chosen,
             "compute_dtype": module.encoder.config.dtype}
+  params, tokenizer, label_names, spec = (trained.params, trained.tokenizer,
+                                          trained.label_names, trained.spec)
   return export_classifier(module, params, tokenizer, label_names, output_dir,
                            max_length=spec["max_length"], model_name=spec["name"],
                            lengths=lengths, platforms=platforms, source=source)

@@ -10,7 +10,8 @@ the checkpoints were trained. The rules that keep a user's model safe:
     rename), and never replaces an existing one.
 
 Layout: tokenizer/tokenizer.json, tokenizer/special_tokens_map.json, labels.json,
-schema.json (how `predict` reads its input: text columns, header, pairs or not).
+schema.json (how `predict` reads its input: text columns, header, pairs or not),
+roles.json (a transfer job's method, the training file's domains, the target ones).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TOKENIZER_JSON = os.path.join("tokenizer", "tokenizer.json")
 SPECIAL_TOKENS = os.path.join("tokenizer", "special_tokens_map.json")
 LABELS = "labels.json"
 SCHEMA = "schema.json"
+ROLES = "roles.json"  # a transfer job's method, domains and target domains
 
 
 class AssetMismatchError(ValueError):
@@ -150,3 +152,17 @@ def load_schema(workdir: str) -> Optional[dict]:
   """The saved input schema, or None (a workdir from before schemas were saved)."""
   path = os.path.join(workdir, SCHEMA)
   return _read(path) if os.path.exists(path) else None
+
+
+def load_roles(workdir: str) -> dict:
+  """roles.json of a transfer job: {'method', 'domains', 'target_domains',
+  'domain_column'}.
+
+  Raises:
+    ValueError: the workdir has none (it was not trained with transfer.method).
+  """
+  path = os.path.join(workdir, ROLES)
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir} has no {ROLES}: it was not trained with "
+                     "transfer.method (drop the transfer.method binding to use it)")
+  return _read(path)

@@ -17,7 +17,8 @@ from etjax.train.trainer import FitResult, Trainer
 
 
 def stage_dirs(workdir: str, stages: Sequence[Stage]) -> list[str]:
-  """The sub-workdir of each stage: '<workdir>/<k>_<name>'.
+  """The sub-workdir of each stage: '<workdir>/<k>_<name>'; a one-stage recipe trains
+  in the workdir itself (a plain run's layout, which eval, predict and export read).
 
   Raises:
     ValueError: for a name that is not a plain file name, or a repeated name.
@@ -29,12 +30,22 @@ def stage_dirs(workdir: str, stages: Sequence[Stage]) -> list[str]:
                        "(letters, digits, '_', '.', '-')")
   if len(set(names)) != len(names):
     raise ValueError(f"recipe stage names repeat: {names}")
+  if len(names) == 1:
+    return [workdir]
   return [os.path.join(workdir, f"{k}_{name}") for k, name in enumerate(names)]
+
+
+def stage_trainer(stage: Stage, directory: str, **trainer_kwargs) -> Trainer:
+  """The Trainer of one stage in its directory (training, or restoring for eval)."""
+  return Trainer(stage.step, workdir=directory, num_steps=stage.num_steps,
+                 **trainer_kwargs)
 
 
 def run_recipe(stages: Sequence[Stage], workdir: str, **trainer_kwargs
                ) -> list[FitResult]:
   """Trains every stage; returns each stage's FitResult (the last is the recipe's).
+  `stage_trainer(stages[-1], stage_dirs(...)[-1], ...)` evaluates or predicts with the
+  last stage.
 
   Args:
     stages: the recipe.
@@ -46,8 +57,7 @@ def run_recipe(stages: Sequence[Stage], workdir: str, **trainer_kwargs
     raise ValueError("run_recipe: a recipe needs at least one stage")
   results: list[FitResult] = []
   for stage, directory in zip(stages, stage_dirs(workdir, stages)):
-    trainer = Trainer(stage.step, workdir=directory, num_steps=stage.num_steps,
-                      **trainer_kwargs)
+    trainer = stage_trainer(stage, directory, **trainer_kwargs)
     start_from = None
     if results:
       previous, carry = results[-1].state, stage.carry or carry_params

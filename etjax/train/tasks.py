@@ -24,6 +24,8 @@ class Splits:
 
   Attributes:
     train, eval: lists of etjax.data.Example.
+    dev: the dev file's examples, or None.
+    target_domains: the domains that are the target of a transfer job (empty: all).
     label_names: label strings (Example.label indexes them).
     domain_names: domain strings (Example.domain indexes them).
     schema, format: the readers.Schema and format of file data (None otherwise).
@@ -34,6 +36,8 @@ class Splits:
   domain_names: tuple[str, ...] = ()
   schema: Optional[readers.Schema] = None  # how files were read (None: not files)
   format: Optional[str] = None
+  dev: Optional[list] = None  # rows for model choices (a dev file), never the eval's
+  target_domains: tuple[str, ...] = ()  # a transfer job's target domain values
 
 
 def synthetic_splits(*, task: str = "sentiment",
@@ -53,16 +57,17 @@ def synthetic_splits(*, task: str = "sentiment",
 
 def file_splits(train_path: str, eval_path: str, schema: readers.Schema, *,
                 format: Optional[str] = None,  # pylint: disable=redefined-builtin
-                on_error: str = "raise") -> Splits:
-  """Train and eval files read with one schema; labels fixed by the training file."""
+                on_error: str = "raise", dev_path: Optional[str] = None) -> Splits:
+  """Train, eval (and dev) files read with one schema; the label and domain
+  vocabularies are fixed by the training file."""
   train = readers.read_examples(train_path, schema, format=format, on_error=on_error)
-  evaluation = readers.read_examples(eval_path, schema, format=format,
-                                     label_vocab=train.label_vocab,
-                                     domain_vocab=train.domain_vocab or None,
-                                     on_error=on_error)
-  return Splits(train=list(train), eval=list(evaluation), label_names=train.label_vocab,
-                domain_names=train.domain_vocab, schema=schema,
-                format=format or readers.guess_format(train_path))
+  read_like_train = lambda path: list(readers.read_examples(
+      path, schema, format=format, label_vocab=train.label_vocab,
+      domain_vocab=train.domain_vocab or None, on_error=on_error))
+  return Splits(train=list(train), eval=read_like_train(eval_path),
+                label_names=train.label_vocab, domain_names=train.domain_vocab,
+                schema=schema, format=format or readers.guess_format(train_path),
+                dev=read_like_train(dev_path) if dev_path else None)
 
 
 def debian_splits(directory: str, task: str = "use") -> Splits:
@@ -124,15 +129,29 @@ def resolve_pretrained(spec: str) -> str:
 
 
 def make_tokenizer(pretrained_dir: Optional[str], train_texts: Sequence[str],
-                   vocab_size: int, workdir: Optional[str] = None
+                   vocab_size: int, workdir: Optional[str] = None,
+                   teacher: Optional[tokenizers.Tokenizer] = None
                    ) -> tokenizers.Tokenizer:
   """The tokenizer a run saved in `workdir` (resumed runs, eval, predict: the one the
-  checkpoints were trained with), else the pretrained model's, else a WordPiece one
-  learnt (deterministically) from the train texts."""
+  checkpoints were trained with), else the pretrained model's, else a distillation
+  teacher's, else a WordPiece one learnt (deterministically) from the train texts.
+
+  Raises:
+    ValueError: a teacher whose vocabulary differs from the pretrained model's (a
+      student and its teacher must read the same token ids).
+  """
   if workdir and assets.has_tokenizer(workdir):
     return assets.load_tokenizer(workdir)
   if pretrained_dir:
-    return tokenizers.load_tokenizer(pretrained_dir)
+    tokenizer = tokenizers.load_tokenizer(pretrained_dir)
+    if teacher is not None and (tokenizer.backend.get_vocab() !=
+                                teacher.backend.get_vocab()):
+      raise ValueError(f"the student's tokenizer ({pretrained_dir}) differs from "
+                       "transfer.teacher's: distillation feeds both the same token "
+                       "ids, so give a student of the teacher's vocabulary")
+    return tokenizer
+  if teacher is not None:
+    return teacher
   return tokenizers.build_wordpiece_tokenizer(train_texts, vocab_size)
 
 

@@ -247,25 +247,8 @@ class Trainer:
       raise NonFiniteLossError(step, None, last_saved)
 
   def write_config(self, text: str, name: str = "config.gin") -> str:
-    """Writes the run's resolved config beside the checkpoints; an existing different
-    one is renamed to '<name>.<n>' (with a warning), never overwritten. Returns the path."""
-    path = os.path.join(self.workdir, name)
-    if jax.process_index() != 0:
-      return path
-    os.makedirs(self.workdir, exist_ok=True)
-    if os.path.exists(path):
-      with open(path) as f:
-        if f.read() == text:
-          return path
-      n = 1
-      while os.path.exists(f"{path}.{n}"):
-        n += 1
-      os.rename(path, f"{path}.{n}")
-      warnings.warn(f"{path} differed from this run's config; the old one is now "
-                    f"{path}.{n}", RuntimeWarning, stacklevel=2)
-    with open(path, "w") as f:
-      f.write(text)
-    return path
+    """Writes the run's resolved config beside the checkpoints (`write_config`)."""
+    return write_config(self.workdir, text, name)
 
   # --- training -----------------------------------------------------------------------
 
@@ -445,6 +428,28 @@ class Trainer:
       exp = np.exp(logits - logits.max(-1, keepdims=True))
       result["probabilities"] = (exp / exp.sum(-1, keepdims=True)).astype(np.float32)
     return result
+
+
+def write_config(workdir: str, text: str, name: str = "config.gin") -> str:
+  """Writes a run's resolved config into `workdir`; an existing different one is
+  renamed to '<name>.<n>' (with a warning), never overwritten. Returns the path."""
+  path = os.path.join(workdir, name)
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return path
+    n = 1
+    while os.path.exists(f"{path}.{n}"):
+      n += 1
+    os.rename(path, f"{path}.{n}")
+    warnings.warn(f"{path} differed from this run's config; the old one is now "
+                  f"{path}.{n}", RuntimeWarning, stacklevel=3)
+  with open(path, "w") as f:
+    f.write(text)
+  return path
 
 
 # Batch columns returned beside the predictions, gathered like them across processes.

@@ -153,6 +153,10 @@ def test_carry_params_takes_matching_paths_and_shapes():
 
 def test_stage_names_are_checked():
   step = _step(3, 0.1)
+  # One stage trains in the workdir itself (a plain run's layout); several below it.
+  assert stage_dirs("/tmp/r", [Stage("a", step, 1, list)]) == ["/tmp/r"]
+  assert stage_dirs("/tmp/r", [Stage("a", step, 1, list), Stage("b", step, 1, list)]
+                    ) == ["/tmp/r/0_a", "/tmp/r/1_b"]
   with pytest.raises(ValueError, match="must be a plain file name"):
     stage_dirs("/tmp/r", [Stage("../x", step, 1, list)])
   with pytest.raises(ValueError, match="repeat"):

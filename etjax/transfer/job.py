@@ -1,0 +1,126 @@
+"""A transfer job from plain settings: roles, optimizer, stages, training, evaluation.
+
+What `etjax train` / `eval` / `predict` run when `transfer.method` is set (main.py
+reads gin and passes plain values here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import optax
+
+from etjax.algorithms import optim
+from etjax.train import recipe as recipe_lib
+from etjax.train import trainer as trainer_lib
+from etjax.train.trainer import FitResult
+from etjax.transfer import methods as methods_lib
+from etjax.transfer import roles as roles_lib
+
+
+def make_tx_factory(opt: Mapping[str, Any]
+                    ) -> Callable[[int, Sequence[str]], optax.GradientTransformation]:
+  """(total steps, regexes of pretrained parameter paths) -> the optimizer.
+
+  Args:
+    opt: the `optimizer` settings (name, learning_rate, warmup_fraction, weight_decay,
+      max_grad_norm, new_params_learning_rate). With new_params_learning_rate, the
+      parameters outside the pretrained paths (heads, discriminators, selectors'
+      classifiers' new layers) train at that rate, the pretrained ones at
+      learning_rate (etjax.algorithms.optim.param_groups).
+  """
+  def make(total: int, pretrained_paths: Sequence[str]) -> optax.GradientTransformation:
+    def preset(learning_rate):
+      return optim.make_optimizer(
+          opt["name"], learning_rate=learning_rate, total_steps=total,
+          warmup_steps=int(opt["warmup_fraction"] * total),
+          weight_decay=opt["weight_decay"], max_grad_norm=opt["max_grad_norm"])
+    new_lr = opt.get("new_params_learning_rate")
+    if new_lr is None:
+      return preset(opt["learning_rate"])
+    return optim.param_groups(
+        {"pretrained": preset(opt["learning_rate"]), "new": preset(new_lr)},
+        [(p, "pretrained") for p in pretrained_paths], default="new")
+  return make
+
+
+def steps_rule(num_steps: Optional[int], num_epochs: Optional[int], batch_size: int
+               ) -> Callable[[int], int]:
+  """Rows of a stage's data -> its updates: num_steps, or num_epochs passes."""
+  if num_epochs is None:
+    return lambda rows: num_steps
+  return lambda rows: num_epochs * max(1, math.ceil(rows / batch_size))
+
+
+def method_settings(method: methods_lib.Method, defaults: Mapping[str, Mapping],
+                    overrides: Optional[Mapping[str, Any]]) -> dict:
+  """The method's keyword arguments: its gin/algorithms file's bindings (one
+  selector) updated by `transfer.method_args`.
+
+  Raises:
+    ValueError: method_args for a method without settings.
+  """
+  settings: dict = {}
+  if method.settings_file:
+    (selector_settings,) = defaults[method.settings_file].values()
+    settings.update(selector_settings)
+  if overrides:
+    if not method.settings_file:
+      raise ValueError(f"transfer.method_args {dict(overrides)}: method "
+                       f"{method.name!r} takes no settings")
+    settings.update(overrides)
+  return settings
+
+
+class RecipeRun:
+  """A method's stages in one workdir: trains them (resuming in the stage it stopped
+  in) and evaluates, restores and predicts with the target model, the last stage's
+  (its directory: the workdir for one stage, '<workdir>/<k>_<name>' for several).
+
+  Attributes:
+    workdir: the job's directory (assets and config.gin live here).
+    final: the last stage's Trainer.
+    roles: the job's Roles (for roles.json), when given.
+  """
+
+  def __init__(self, stages: Sequence, workdir: str, *,
+               roles: Optional[roles_lib.Roles] = None, **trainer_kwargs):
+    self.stages, self.workdir, self.trainer_kwargs = list(stages), workdir, trainer_kwargs
+    self.roles = roles
+    self.final = recipe_lib.stage_trainer(
+        self.stages[-1], recipe_lib.stage_dirs(workdir, self.stages)[-1],
+        **trainer_kwargs)
+    self.workdir = self.final.workdir if len(self.stages) == 1 else workdir
+
+  def fit(self) -> FitResult:
+    """Trains every stage; returns the last stage's FitResult."""
+    return recipe_lib.run_recipe(self.stages, self.workdir, **self.trainer_kwargs)[-1]
+
+  def check_resumable(self, example_batch) -> None:
+    """The target model's checkpoints, where there are any, fit this job's state."""
+    self.final.check_resumable(example_batch)
+
+  def write_config(self, text: str) -> str:
+    return trainer_lib.write_config(self.workdir, text)
+
+  def restore(self, example_batch):
+    return self.final.restore(example_batch)
+
+  def evaluate(self, state, eval_data) -> dict:
+    return self.final.evaluate(state, eval_data)
+
+  def predict(self, state, data) -> dict:
+    return self.final.predict(state, data)
+
+  @property
+  def resumed_from(self) -> Optional[int]:
+    return getattr(self.final, "resumed_from", None)
+
+
+
+def assign_roles(splits, target_domains, where: str) -> roles_lib.Roles:
+  """Roles of a job's Splits (train, eval, dev) by `data.target_domains`."""
+  return roles_lib.assign(splits.train, splits.eval, getattr(splits, "dev", None),
+                          domain_names=splits.domain_names,
+                          target_domains=target_domains, where=where)

@@ -1,0 +1,302 @@
+"""The transfer methods a user names with `transfer.method`, each built into a recipe.
+
+A method turns the job's materials (rows by role, encoded; a classifier and encoder
+factory; the pretrained backbone; an optimizer factory) into stages of the one
+Trainer (etjax.algorithms.recipe.Stage). Its hyperparameters are the defaults of its
+gin/algorithms file (`settings_file`), which the caller reads and the user overrides.
+
+    method = METHODS['drss']
+    stages = method.build(materials, settings)     # [Stage(...)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from etjax.algorithms import (distill, distilbert, feature_based, finetune,
+                              instance_based, metaft, pkd, tinybert)
+from etjax.algorithms.finetune import init_params, with_pretrained
+from etjax.algorithms.recipe import Stage
+from etjax.train import fit as fit_lib
+from etjax.transfer.roles import Roles
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Materials:
+  """What every method builds from.
+
+  Attributes:
+    roles: the rows by role.
+    encode: list of Examples -> encoded data (dict of arrays [N, ...]).
+    make_classifier: () -> a fresh SequenceClassifier (encoder + head over the labels).
+    make_encoder: () -> a fresh encoder of the backbone's architecture.
+    pretrained_encoder: the backbone's plain encoder params, or None (random init).
+    make_tx: (total steps, regexes of pretrained parameter paths) -> the optimizer
+      (optimizer.new_params_learning_rate gives the other parameters their own rate).
+    steps_for: rows of a stage's training data -> that stage's number of updates
+      (train.num_steps, or num_epochs passes over those rows).
+    batch_size: rows per update (per stream for multi-stream methods).
+    seed: shuffling seed.
+    eval_data: evaluation batches of the target model (given to the last stage).
+    teacher: (classifier module, params) of transfer.teacher, for distillation.
+  """
+  roles: Roles
+  encode: Callable[[Sequence[Any]], Arrays]
+  make_classifier: Callable[[], Any]
+  make_encoder: Callable[[], Any]
+  pretrained_encoder: Optional[Mapping[str, Any]]
+  make_tx: Callable[[int, Sequence[str]], Any]
+  steps_for: Callable[[int], int]
+  batch_size: int
+  seed: int
+  eval_data: Any = None
+  teacher: Optional[tuple[Any, Any]] = None
+
+  def batches(self, rows: Sequence[Any]) -> Callable[[], Any]:
+    """() -> fresh resumable batches of `rows`, encoded when a stage trains (a job
+    that only restores, e.g. predict, encodes nothing)."""
+    return lambda: fit_lib.train_batches(self.encode(rows), self.batch_size, self.seed)
+
+  def dev_rows(self) -> tuple[list, list]:
+    """(target training rows, dev rows): the dev file's rows, or without one a fifth
+    of the target rows held out (never the eval file)."""
+    target = self.roles.target
+    if self.roles.dev:
+      return target, self.roles.dev
+    held = np.random.default_rng([self.seed, 17]).permutation(len(target))
+    cut = max(1, len(target) // 5)
+    if len(target) - cut < 1:
+      raise ValueError(f"{len(target)} target row(s): too few to hold out dev rows; "
+                       "give data.dev_path")
+    return ([target[i] for i in sorted(held[cut:])],
+            [target[i] for i in sorted(held[:cut])])
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A transfer method.
+
+  Attributes:
+    name: its `transfer.method` value.
+    family: 'baseline', 'feature', 'instance', 'meta' or 'distill'.
+    summary: one line for `etjax methods`.
+    build: (materials, settings) -> the stages.
+    settings_file: the gin/algorithms file of its defaults (None: none).
+    needs_source: fails without source rows.
+    needs_teacher: fails without transfer.teacher.
+  """
+  name: str
+  family: str
+  summary: str
+  build: Callable[[Materials, dict], list]
+  settings_file: Optional[str] = None
+  needs_source: bool = False
+  needs_teacher: bool = False
+
+
+ENCODER = (r"^encoder/",)
+
+
+def _finetune_stage(m: Materials, name: str, rows: Sequence[Any], *,
+                    eval_data: Any = None, carry=None) -> Stage:
+  steps = m.steps_for(len(rows))
+  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  step = finetune(m.make_classifier(), m.make_tx(steps, ENCODER), pretrained=pretrained)
+  return Stage(name, step, steps, m.batches(rows), eval_data, carry)
+
+
+def _target_only(m: Materials, settings: dict) -> list:
+  del settings
+  return [_finetune_stage(m, "target", m.roles.target, eval_data=m.eval_data)]
+
+
+def _source_only(m: Materials, settings: dict) -> list:
+  del settings
+  return [_finetune_stage(m, "source", m.roles.source, eval_data=m.eval_data)]
+
+
+def _mixed(m: Materials, settings: dict) -> list:
+  del settings
+  return [_finetune_stage(m, "mixed", m.roles.source + m.roles.target,
+                          eval_data=m.eval_data)]
+
+
+def _source_then_target(m: Materials, settings: dict) -> list:
+  del settings
+  return [_finetune_stage(m, "source", m.roles.source),
+          _finetune_stage(m, "target", m.roles.target, eval_data=m.eval_data)]
+
+
+FEATURE = (r"^(shared|private_\d+)/",)
+
+
+def _feature(method: str) -> Callable[[Materials, dict], list]:
+  def build(m: Materials, settings: dict) -> list:
+    kwargs = dict(settings)
+    kwargs.pop("method", None)
+    rows = m.roles.source + m.roles.target
+    steps = m.steps_for(len(rows))
+    private = method != "fully_shared"
+    pretrained = (feature_based.encoders_pretrained(
+        m.pretrained_encoder, m.roles.num_domains if private else 0)
+                  if m.pretrained_encoder else None)
+    step = feature_based.build_feature_step(
+        method, m.make_encoder, m.make_tx(steps, FEATURE),
+        num_domains=m.roles.num_domains, num_labels=m.make_classifier().num_labels,
+        pretrained=pretrained, **kwargs)
+    return [Stage(method, step, steps, m.batches(rows), m.eval_data)]
+  return build
+
+
+SELECTION = (r"^classifier/encoder/",)
+
+
+def _instance(method: str) -> Callable[[Materials, dict], list]:
+  def build(m: Materials, settings: dict) -> list:
+    kwargs = dict(settings)
+    kwargs.pop("method", None)
+    steps = m.steps_for(len(m.roles.source))
+    pretrained = ({"classifier": {"encoder": m.pretrained_encoder}}
+                  if m.pretrained_encoder else None)
+    step = instance_based.build_instance_step(
+        method, m.make_classifier(), m.make_tx(steps, SELECTION), pretrained=pretrained,
+        **kwargs)
+    return [Stage(method, step, steps, lambda: _instance_streams(m), m.eval_data)]
+  return build
+
+
+def _instance_streams(m: Materials):
+  """{'source', 'target', 'dev'} batches: the dev rows give the selector's reward."""
+  target, dev = m.dev_rows()
+  streams = {"source": m.encode(m.roles.source), "target": m.encode(target),
+             "dev": m.encode(dev)}
+  sizes = {"source": m.batch_size, "target": m.batch_size,
+           "dev": min(m.batch_size, len(dev))}
+  return fit_lib.train_batches(streams, sizes, m.seed)
+
+
+META = (r"^model/encoder/",)
+
+
+def _carry_meta_model(previous, fresh):
+  """The fine-tuning stage starts from the meta-learner's classifier ('model')."""
+  model = jax.tree.map(lambda x: np.array(x, copy=True),
+                       jax.device_get(nn.meta.unbox(previous.params)["model"]))
+  return fresh.replace(params=with_pretrained(fresh.params, model))
+
+
+def _metaft(m: Materials, settings: dict) -> list:
+  kwargs = dict(settings)
+  kwargs["num_domains"] = m.roles.num_domains  # derived, never typed by the user
+  rows = m.roles.source + m.roles.target
+  steps = m.steps_for(len(rows))
+  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  meta = metaft.metaft(m.make_classifier(), m.make_tx(steps, META),
+                       pretrained=pretrained, **kwargs)
+  return [Stage("meta", meta, steps, m.batches(rows)),
+          _finetune_stage(m, "target", m.roles.target, eval_data=m.eval_data,
+                          carry=_carry_meta_model)]
+
+
+STUDENT = (r"^student/encoder/",)
+
+
+def _student_pretrained(m: Materials) -> Optional[dict]:
+  return {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+
+
+def _distillation(kind: str) -> Callable[[Materials, dict], list]:
+  """KD, PKD, DistilBERT or TinyBERT from transfer.teacher into the student
+  (classifier.model / classifier.pretrained; DistilBERT derives its student from the
+  teacher), on every training row (the transfer set)."""
+  def build(m: Materials, settings: dict) -> list:
+    rows = m.roles.source + m.roles.target
+    steps = m.steps_for(len(rows))
+    tx = m.make_tx(steps, STUDENT)
+    student = m.make_classifier()
+    if kind == "kd":
+      step = distill(student, m.teacher, tx, pretrained=_student_pretrained(m),
+                     **settings)
+    elif kind == "pkd":
+      step = pkd(student, m.teacher, tx, **settings)
+    elif kind == "distilbert":
+      _, step = distilbert(m.teacher, tx, **settings)
+    else:
+      pretrained = _student_pretrained(m)
+      step = tinybert(student, m.teacher, tx, m.make_tx(steps, STUDENT),
+                      student_init=lambda rng, batch: init_params(student, rng, batch,
+                                                                  pretrained),
+                      **settings)
+    return [Stage(kind, step, steps, m.batches(rows), m.eval_data)]
+  return build
+
+
+def _methods() -> dict[str, Method]:
+  feature = {"fs": ("fully_shared", "FullyShared: one encoder and head on source and "
+                    "target rows"),
+             "sp": ("shared_private", "SharedPrivate: shared and per-domain private "
+                    "encoders, orthogonality loss"),
+             "sp_adv": ("shared_private_adv", "SharedPrivate plus a domain adversary "
+                        "(gradient reversal)"),
+             "drss": ("drss", "DRSS: per-domain heads tied by a learned domain "
+                      "covariance"),
+             "drss_adv": ("drss_adv", "DRSS plus the domain adversary")}
+  methods = [
+      Method("target_only", "baseline", "fine-tune on the target rows only",
+             _target_only),
+      Method("source_only", "baseline", "fine-tune on the source rows only",
+             _source_only, needs_source=True),
+      Method("mixed", "baseline", "fine-tune on source and target rows together",
+             _mixed, needs_source=True),
+      Method("finetune", "baseline", "fine-tune on the source rows, then on the target",
+             _source_then_target, needs_source=True),
+      *(Method(name, "feature", summary, _feature(file), settings_file=file,
+               needs_source=True) for name, (file, summary) in feature.items()),
+      Method("rtl", "instance", "reinforced selection of source rows by dev reward",
+             _instance("rtl"), settings_file="rtl", needs_source=True),
+      Method("mgtl", "instance", "RTL plus a source/target discriminator's rewards",
+             _instance("mgtl"), settings_file="mgtl", needs_source=True),
+      Method("metaft", "meta", "meta-learner over every domain (typicality weights), "
+             "then fine-tune on the target", _metaft, settings_file="metaft"),
+      Method("kd", "distill", "Hinton distillation of transfer.teacher into the "
+             "student", _distillation("kd"), settings_file="kd", needs_teacher=True),
+      Method("pkd", "distill", "BERT-PKD: patient distillation from the teacher's "
+             "intermediate layers", _distillation("pkd"), settings_file="pkd_skip",
+             needs_teacher=True),
+      Method("distilbert", "distill", "DistilBERT: a half-depth student from every "
+             "other teacher layer", _distillation("distilbert"),
+             settings_file="distilbert", needs_teacher=True),
+      Method("tinybert", "distill", "TinyBERT: intermediate-layer then prediction-layer "
+             "distillation", _distillation("tinybert"), settings_file="tinybert",
+             needs_teacher=True),
+  ]
+  return {m.name: m for m in methods}
+
+
+METHODS: dict[str, Method] = _methods()
+
+
+def get(name: str) -> Method:
+  """The method of `transfer.method`; an unknown name fails listing them."""
+  if name not in METHODS:
+    raise ValueError(f"transfer.method = {name!r}: unknown; the methods are "
+                     f"{', '.join(METHODS)} (etjax methods lists them)")
+  return METHODS[name]
+
+
+def check_roles(method: Method, roles: Roles) -> None:
+  """A method that needs source rows fails saying so when there are none."""
+  if method.needs_source and not roles.source:
+    targets = [roles.domain_names[i] for i in roles.target_ids] if roles.domain_names \
+        else []
+    raise ValueError(f"transfer.method = {method.name!r} needs source rows, but every "
+                     f"training row is of a target domain {targets}: name fewer "
+                     "data.target_domains, or use 'target_only'")
+

@@ -1,0 +1,95 @@
+"""Every transfer method on the user's files road: `etjax train` with
+transfer.method on TSV files (two source domains, one target) and a tiny random BERT
+saved as a Hugging Face directory, then `etjax eval` and `etjax predict` on its
+workdir; bad roles fail clearly."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+import transfer_testlib
+from etjax import main
+from etjax.transfer import methods
+
+SOURCE_FREE = ("target_only", "metaft")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("transfer")
+  paths = transfer_testlib.write_files(str(directory))
+  paths["bert"] = transfer_testlib.tiny_bert_dir(str(directory / "bert"))
+  return paths
+
+
+def _args(files, workdir, method, *extra):
+  return [
+      "--gin.data.source='files'", f"--gin.data.train_path='{files['train']}'",
+      f"--gin.data.eval_path='{files['test']}'", "--gin.data.text_a='text'",
+      "--gin.data.label='label'", "--gin.data.domain='domain'",
+      "--gin.data.target_domains=['kitchen']",
+      f"--gin.classifier.pretrained='{files['bert']}'",
+      f"--gin.transfer.method='{method}'", "--gin.train.num_steps=3",
+      "--gin.train.batch_size=8", "--gin.train.max_length=12",
+      "--gin.train.eval_batch_size=16", "--gin.train.progress=False",
+      f"--gin.train.workdir='{workdir}'", *extra]
+
+
+def _accuracy(text: str) -> str:
+  return re.search(r"accuracy=([0-9.]+)", text).group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(methods.METHODS))
+def test_method_trains_evaluates_and_predicts_from_files(method, files, tmp_path,
+                                                         capsys):
+  workdir = str(tmp_path / method)
+  args = _args(files, workdir, method, f"--gin.data.dev_path='{files['dev']}'")
+  assert main.run(["train"] + args) == 0, capsys.readouterr().err
+  trained = capsys.readouterr().out.strip().splitlines()[-1]
+  assert re.search(r"step 3: accuracy=.*macro_f1=.*auc=", trained), trained
+  # The target model's checkpoint restores to the same metrics on the eval file.
+  assert main.run(["eval"] + args) == 0, capsys.readouterr().err
+  assert _accuracy(capsys.readouterr().out) == _accuracy(trained)
+  outputs = tmp_path / "predictions.tsv"
+  assert main.run(["predict", "--input", files["test"], "--output", str(outputs)]
+                  + args) == 0, capsys.readouterr().err
+  lines = outputs.read_text().splitlines()
+  rows = open(files["test"]).read().splitlines()
+  assert len(lines) == len(rows)  # a header row, then one row per input row
+  assert {line.split("\t")[-2] for line in lines[1:]} <= {"negative", "positive"}
+
+
+def _fails(args, capsys, *messages):
+  assert main.run(["train"] + args) == 2
+  err = capsys.readouterr().err
+  for message in messages:
+    assert message in err, err
+
+
+def test_bad_roles_fail_naming_what(files, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  _fails(_args(files, workdir, "drss", "--gin.data.target_domains=['garden']"), capsys,
+         "data.target_domains: ['garden'] not among the domains of data.train_path",
+         "'books', 'dvd', 'kitchen'")
+  _fails(_args(files, workdir, "mixed",
+               "--gin.data.target_domains=['books', 'dvd', 'kitchen']"), capsys,
+         "transfer.method = 'mixed' needs source rows")
+  _fails(_args(files, workdir, "ss"), capsys, "transfer.method = 'ss': unknown",
+         "drss_adv")
+  _fails(_args(files, workdir, "drss", "--gin.train.num_epochs=2"), capsys,
+         "set one of the two")
+  _fails(_args(files, workdir, "finetune", "--gin.transfer.method_args={'x': 1}"),
+         capsys, "method 'finetune' takes no settings")
+  assert not os.path.exists(workdir)  # nothing was written
+
+
+def test_methods_command_lists_every_method_with_its_settings(capsys):
+  assert main.run(["methods"]) == 0
+  out = capsys.readouterr().out
+  for name in methods.METHODS:
+    assert re.search(rf"^  {name} ", out, re.M), name
+  assert "drss_weight" in out

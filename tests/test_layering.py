@@ -42,7 +42,6 @@ PENDING = {
     # the one Trainer (issue 10, last part); `etjax run --gin_file=gin/runs/...` is the
     # command that replaces them.
     "experiments/tl_feature_instance.py": "argparse entry point",
-    "experiments/tl_meta.py": "argparse entry point",
 }
 
 

@@ -30,13 +30,20 @@ def test_select_orders_checks_and_lists_the_known_names():
     (tl_feature_instance.run_table9, {"rows": ["L2TL"]},
      r"instance_table9.rows: unknown"),
     (tl_distill.run_table10, {"rows": ["tinybert"]}, r"distill_table10.rows: unknown"),
-    (tl_meta.run_table10, {"rows": ["student"]}, r"meta_table10.rows: unknown"),
-    (tl_meta.run_table11, {"domains": ["toys"]}, r"meta_table11.domains: unknown"),
-    (tl_meta.run_table11, {"percents": [50]}, r"meta_table11.percents: unknown"),
-    (tl_meta.run_table11, {"methods": ["no"]}, r"meta_table11.methods: unknown"),
-    (tl_meta.run_table12, {"methods": ["mdtl"]}, r"meta_table12.methods: unknown"),
-    (tl_meta.run_table12, {"percents": [3]}, r"meta_table12.percents: unknown"),
-    (tl_meta.run_table12, {"encoder": "lstm"}, r"meta_table12.encoder: unknown"),
+    (tl_meta.run_table10, {"rows": ["student"], "settings": {}},
+     r"meta_table10.rows: unknown"),
+    (tl_meta.run_table11, {"domains": ["toys"], "settings": {}},
+     r"meta_table11.domains: unknown"),
+    (tl_meta.run_table11, {"percents": [50], "settings": {}},
+     r"meta_table11.percents: unknown"),
+    (tl_meta.run_table11, {"methods": ["no"], "settings": {}},
+     r"meta_table11.methods: unknown"),
+    (tl_meta.run_table12, {"methods": ["mdtl"], "settings": {}},
+     r"meta_table12.methods: unknown"),
+    (tl_meta.run_table12, {"percents": [3], "settings": {}},
+     r"meta_table12.percents: unknown"),
+    (tl_meta.run_table12, {"encoder": "lstm", "settings": {}},
+     r"meta_table12.encoder: unknown"),
 ])
 def test_unknown_rows_fail_before_training(run, kwargs, message):
   with pytest.raises(ValueError, match=message + r".*known"):
@@ -44,16 +51,17 @@ def test_unknown_rows_fail_before_training(run, kwargs, message):
 
 
 def test_table12_data_arguments_are_checked():
+  run = lambda **kwargs: tl_meta.run_table12(seeds=(0,), settings={}, **kwargs)
   with pytest.raises(ValueError, match=r"unknown data 'mnli'; expected one of"):
-    tl_meta.run_table12(seeds=(0,), data="mnli")
+    run(data="mnli")
   with pytest.raises(ValueError, match="the Debian files fix their sizes"):
-    tl_meta.run_table12(seeds=(0,), data="debian", target_size=100)
+    run(data="debian", target_size=100)
   with pytest.raises(ValueError, match="debian_dir is for kind 'debian'"):
-    tl_meta.run_table12(seeds=(0,), debian_dir="/tmp")
+    run(debian_dir="/tmp")
   with pytest.raises(ValueError, match="evaluation split must be 'dev' or 'test'"):
-    tl_meta.run_table12(seeds=(0,), split="train")
+    run(split="train")
   with pytest.raises(ValueError, match="Debian data folder '/nonexistent' does not"):
-    tl_meta.run_table12(seeds=(0,), data="debian", debian_dir="/nonexistent")
+    run(data="debian", debian_dir="/nonexistent")
 
 
 def test_debian_pair_is_use_to_network():

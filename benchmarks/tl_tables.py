@@ -6,7 +6,8 @@
 
 Each table is an experiment of etjax.experiments, the same function that
 `etjax run --gin_file=gin/runs/<table>.gin` runs; this script only calls them in turn
-with the same defaults and prints their markdown with the wall time of each.
+with the same defaults and each method's settings of gin/algorithms/*.gin, and prints
+their markdown with the wall time of each.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import sys
 import time
 
+from etjax import main as etjax_main
 from etjax.experiments import tl_distill, tl_feature_instance, tl_meta
 
 TABLES = {
@@ -35,10 +37,12 @@ def main(argv=None) -> int:
   parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   args = parser.parse_args(argv)
+  # Each method's settings, as `etjax run` passes them (gin/algorithms/*.gin).
+  settings = etjax_main.algorithm_settings()
   for key in args.tables:
     title, run = TABLES[key]
     start = time.time()
-    print(f"## {title}\n\n{run(seeds=tuple(args.seeds))}\n\n"
+    print(f"## {title}\n\n{run(settings=settings, seeds=tuple(args.seeds))}\n\n"
           f"({time.time() - start:.0f} s)\n", flush=True)
   return 0
 

@@ -41,7 +41,6 @@ PENDING = {
     # The paper-table drivers keep their argparse entry points until they run through
     # the one Trainer (issue 10, last part); `etjax run --gin_file=gin/runs/...` is the
     # command that replaces them.
-    "experiments/tl_feature_instance.py": "argparse entry point",
 }
 
 

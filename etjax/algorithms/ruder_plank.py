@@ -1,27 +1,26 @@
-"""Ruder & Plank (2017) data selection on encoded data, end to end.
+"""Ruder & Plank (2017) data selection on encoded data.
 
 etjax.algorithms.selection holds the pieces (similarity and diversity features over
 term distributions, scores w . phi, top-n, optuna's Bayesian optimization). This
 module applies them to encoded datasets (dicts of arrays as from
-etjax.data.encode_examples): term counts from token ids, an `evaluate` that trains a
-fresh TL model on the target data plus the selected source examples and returns the
-target development metric, and `ruder_plank` tying them together.
+etjax.data.encode_examples): term counts from token ids, the development metric of a
+trial's model, and `ruder_plank`, the search over feature weights. A trial trains a
+fresh TL model on the target data plus the selected source examples; that training is
+the caller's `train_and_score` (algorithms never import the Trainer):
+etjax.train.ruder_plank.search builds it with the one Trainer.
 
-    search = ruder_plank(source, target_train, target_dev, step=finetune(model, tx),
-                         vocab_size=V, num_selected=500, num_trials=20,
-                         train_steps=200, batch_size=32)
+    search = ruder_plank(source, target_train, train_and_score=score, vocab_size=V,
+                         num_selected=500, num_trials=20)
     search.selected    # indices of the chosen source examples
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-import jax
 import numpy as np
 
 from etjax.algorithms import selection
-from etjax.algorithms.step import TrainStep
 
 Arrays = Mapping[str, np.ndarray]
 # [PAD], [UNK], [CLS], [SEP], [MASK] of etjax.data.build_wordpiece_tokenizer.
@@ -57,46 +56,32 @@ def term_counts(input_ids: np.ndarray, vocab_size: int, *,
   return counts
 
 
-def _batches(data: Arrays, size: int, rng: np.random.Generator):
-  n = len(data["labels"])
-  while True:
-    order = rng.permutation(n)
-    for start in range(0, n - size + 1, size):
-      yield {k: np.asarray(v)[order[start:start + size]] for k, v in data.items()}
+METRICS = ("accuracy", "neg_loss")
 
 
-def train_and_evaluate(step: TrainStep, train: Arrays, dev: Arrays, *, steps: int,
-                       batch_size: int, seed: int = 0, metric: str = "accuracy") -> float:
-  """Trains a fresh state of `step` on `train` and scores it on `dev`.
+def check_metric(metric: str) -> None:
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def dev_metric(logits: np.ndarray, labels: np.ndarray, *, metric: str = "accuracy",
+               weights: Optional[np.ndarray] = None) -> float:
+  """The development metric of a trial's model (higher is better).
 
   Args:
-    step: the TrainStep (single-part batches, e.g. finetune or fully_shared).
-    train: encoded training data (batch_size <= its rows).
-    dev: encoded development data.
-    steps: optimizer steps.
-    batch_size: rows per step.
-    seed: initialization and shuffling seed.
+    logits: [N, C] of the dev rows.
+    labels: int [N].
     metric: 'accuracy' or 'neg_loss' (minus the mean cross-entropy).
+    weights: optional [N] row weights (default 1).
 
   Returns:
-    The dev metric (float; higher is better).
+    The weighted mean of the metric over the rows.
   """
-  if metric not in ("accuracy", "neg_loss"):
-    raise ValueError(f"metric must be 'accuracy' or 'neg_loss', got {metric!r}")
-  n = len(train["labels"])
-  if not 0 < batch_size <= n:
-    raise ValueError(f"batch_size must be in 1..{n} (the training rows), got "
-                     f"{batch_size}")
-  batches = _batches(train, batch_size, np.random.default_rng(seed))
-  state = step.init(jax.random.PRNGKey(seed), next(batches))
-  # One compile per call: this is the outer loop of a selection algorithm.
-  update, predict = jax.jit(step.update), jax.jit(step.predict)
-  for _ in range(steps):
-    state, _ = update(state, next(batches))
-  logits = np.asarray(predict(state, {k: np.asarray(v) for k, v in dev.items()})
-                      ["logits"], np.float64)
-  labels = np.asarray(dev["labels"])
-  weights = np.asarray(dev.get("weight", np.ones(len(labels))), np.float64)
+  check_metric(metric)
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels)
+  weights = (np.ones(len(labels)) if weights is None
+             else np.asarray(weights, np.float64))
   if metric == "accuracy":
     return float(np.sum(weights * (logits.argmax(-1) == labels)) / weights.sum())
   shifted = logits - logits.max(-1, keepdims=True)
@@ -104,27 +89,26 @@ def train_and_evaluate(step: TrainStep, train: Arrays, dev: Arrays, *, steps: in
   return float(np.sum(weights * logp[np.arange(len(labels)), labels]) / weights.sum())
 
 
-def ruder_plank(source: Arrays, target_train: Arrays, target_dev: Arrays, *,
-                step: TrainStep, vocab_size: int, num_selected: int,
-                num_trials: int, train_steps: int, batch_size: int, seed: int = 0,
-                metric: str = "accuracy", smoothing: float = 0.0,
+def ruder_plank(source: Arrays, target_train: Arrays, *,
+                train_and_score: Callable[[Arrays], float], vocab_size: int,
+                num_selected: int, num_trials: int, seed: int = 0,
+                smoothing: float = 0.0,
                 ignore_ids: Sequence[int] = DEFAULT_IGNORE_IDS,
                 sampler=None) -> selection.WeightSearch:
   """Selects `num_selected` source examples by Bayesian-optimized feature weights.
 
-  Each trial proposes weights, takes the top-n source examples by w . phi, trains a
-  fresh state of `step` on target_train plus those examples and scores it on
-  target_dev.
+  Each trial proposes weights, takes the top-n source examples by w . phi and scores
+  target_train plus those examples with `train_and_score`.
 
   Args:
-    source, target_train, target_dev: encoded data (same keys and lengths).
-    step: the TL model's TrainStep (pure, so every trial reuses it and its compile).
+    source, target_train: encoded data (same keys).
+    train_and_score: encoded training data -> the target dev metric (higher is
+      better) of a fresh TL model trained on it; built by the caller, e.g.
+      etjax.train.ruder_plank.trial_scorer (the Trainer lives above this layer).
     vocab_size: for the term distributions.
     num_selected: n.
     num_trials: Bayesian-optimization evaluations.
-    train_steps, batch_size: training of each trial's model.
-    seed: of the optimizer's sampler and of each trial's training.
-    metric: dev metric to maximize ('accuracy' or 'neg_loss').
+    seed: of the optimizer's TPE sampler.
     smoothing: pseudo-count of the term distributions.
     ignore_ids: token ids left out of the term counts.
     sampler: an optuna sampler instead of seeded TPE.
@@ -145,10 +129,9 @@ def ruder_plank(source: Arrays, target_train: Arrays, target_dev: Arrays, *,
                                                      smoothing=smoothing))
 
   def evaluate(indices: np.ndarray) -> float:
-    train = {k: np.concatenate([np.asarray(target_train[k]), np.asarray(v)[indices]])
-             for k, v in source.items()}
-    return train_and_evaluate(step, train, target_dev, steps=train_steps,
-                              batch_size=batch_size, seed=seed, metric=metric)
+    return train_and_score({k: np.concatenate([np.asarray(target_train[k]),
+                                               np.asarray(v)[indices]])
+                            for k, v in source.items()})
 
   return selection.optimize_selection_weights(
       features, evaluate, num_selected=num_selected, num_trials=num_trials, seed=seed,

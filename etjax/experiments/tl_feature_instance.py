@@ -1,8 +1,8 @@
 """Feature-based (paper Table 8) and instance-based (paper Table 9) TL on synthetic
 multi-domain data with a real domain shift, a bag-of-embeddings encoder, 3 seeds.
 
-    python -m etjax.experiments.tl_feature_instance              # both tables, seeds 0 1 2
-    python -m etjax.experiments.tl_feature_instance --table 8 --seeds 0
+    etjax run --gin_file=gin/runs/table8_feature_tl.gin
+    etjax run --gin_file=gin/runs/table9_instance_tl.gin
 
 Table 8 (paraphrase pairs): source 'books' (2000 pairs), targets dvd, electronics,
 kitchen (200 training pairs each, 500 test pairs); scores are averaged over the three
@@ -17,36 +17,39 @@ synthetic pair has one candidate, so @1 is the pair's own decision).
 Table 9 (sentiment): target 'kitchen' (100 training reviews, 200 dev, 500 test);
 the source pool mixes books, dvd and electronics (700 reviews each) with 20% of its
 labels flipped. Src-only trains on the pool, Tgt-only on the target, TL on both
-(FullyShared), Ruder & Plank on the target plus the 700 source reviews chosen by
+(FullyShared), Ruder & Plank on the target plus the source reviews chosen by
 optuna-optimized feature weights, RTL and MGTL with reinforced selectors.
 
-Every row is one function call with plain arguments (the gin jobs under gin/runs/
-bind the same parameters). Test labels are clean; mean +- standard deviation over
-the seeds. Prints markdown.
+Every model trains through the one Trainer (etjax.train.fit.fit_arrays). Each method's
+hyperparameters are those of gin/algorithms/<method>.gin (`settings`, as
+etjax.main.algorithm_settings reads them); the run files bind the experiment's own
+design (seeds, steps, rows) and `overrides` of a method's settings. Test labels are
+clean; mean +- standard deviation over the seeds. Returns markdown.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from typing import Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
-import jax
 import numpy as np
-import optax
 
 from etjax.algorithms import feature_based as fb
 from etjax.algorithms import finetune, instance_based as ib, make_optimizer
-from etjax.algorithms import ruder_plank as rp
-from etjax.models.bag import BagOfEmbeddings
+from etjax.algorithms.recipe import carry_params
 from etjax.data import build_wordpiece_tokenizer, encode_examples, synthetic
 from etjax.experiments.rows import select
 from etjax.models import SequenceClassifier
+from etjax.models.bag import BagOfEmbeddings
+from etjax.train import fit as fit_lib
 from etjax.train import metrics as metrics_lib
+from etjax.train import ruder_plank as rp
+from etjax.train.trainer import Trainer
 
 MAX_LENGTH = 64
 HIDDEN = 64
+BATCH = 32
+Settings = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 
 def _encode_splits(splits, max_length, vocab_size=1000):
@@ -68,38 +71,41 @@ def _cat(datas):
   return {k: np.concatenate([d[k] for d in datas]) for k in datas[0]}
 
 
-def _batches(data, size, seed):
-  rng = np.random.default_rng(seed)
-  n = len(data["labels"])
-  while True:
-    order = rng.permutation(n)
-    for i in range(0, n - size + 1, size):
-      yield {k: v[order[i:i + size]] for k, v in data.items()}
+def method_settings(settings: Settings, name: str, selector: str,
+                    overrides: Optional[Mapping[str, Mapping]] = None) -> dict:
+  """gin/algorithms/<name>.gin's bindings of `selector`, with the run file's
+  `overrides[name]` over them."""
+  if selector not in settings.get(name, {}):
+    raise ValueError(f"settings have no {selector}.* bindings of gin/algorithms/"
+                     f"{name}.gin (pass etjax.main.algorithm_settings())")
+  return {**settings[name][selector], **(overrides or {}).get(name, {})}
 
 
-class Runner:
-  """Jits each TrainStep once and reuses it across seeds and data."""
+def _check_overrides(what: str, overrides, known) -> None:
+  unknown = sorted(set(overrides or {}) - set(known))
+  if unknown:
+    raise ValueError(f"{what}: unknown {unknown} (a method's gin/algorithms file "
+                     f"stem); known: {sorted(known)}")
 
-  def __init__(self):
-    self._jitted = {}
 
-  def fns(self, step):
-    key = id(step)
-    if key not in self._jitted:
-      self._jitted[key] = (step, jax.jit(step.update), jax.jit(step.predict))
-    return self._jitted[key][1:]
+class Fitted(NamedTuple):
+  """A trained state with the Trainer that trained it (its compiled predict)."""
+  trainer: Trainer
+  state: Any
 
-  def fit(self, step, batches, steps, seed, state=None):
-    update, _ = self.fns(step)
-    if state is None:
-      state = step.init(jax.random.PRNGKey(seed), next(batches))
-    for _ in range(steps):
-      state, _ = update(state, next(batches))
-    return state
+  def predict(self, data) -> dict:
+    return self.trainer.predict(self.state, fit_lib.eval_batches(data))
 
-  def logits(self, step, state, data):
-    _, predict = self.fns(step)
-    return np.asarray(predict(state, data)["logits"], np.float64)
+  def logits(self, data) -> np.ndarray:
+    return fit_lib.logits(self.trainer, self.state, data)
+
+
+def _fit(step, data, num_steps: int, seed: int, batch_size=BATCH,
+         start_from=None) -> Fitted:
+  trainer, result = fit_lib.fit_arrays(step, data, num_steps=num_steps,
+                                       batch_size=batch_size, seed=seed,
+                                       start_from=start_from)
+  return Fitted(trainer, result.state)
 
 
 def pair_scores(logits, labels):
@@ -117,99 +123,95 @@ def pair_scores(logits, labels):
 
 TABLE8_ROWS = ("Tgt-Only", "Src-Only", "Fine-Tune", "FS", "SS", "SS-Adv", "DRSS",
                "DRSS-Adv")
+SINGLE8 = ("Tgt-Only", "Src-Only", "Fine-Tune")
+FEATURE_FILES = {"FS": "fully_shared", "SS": "shared_private",
+                 "SS-Adv": "shared_private_adv", "DRSS": "drss", "DRSS-Adv": "drss_adv"}
 TARGETS8 = ("dvd", "electronics", "kitchen")
 
 
-def table8(seed: int, runner: Runner, steps: int, cache: dict,
-           rows: Sequence[str] = TABLE8_ROWS) -> dict:
-  splits = synthetic.source_target_splits(
-      "books", TARGETS8, source_sizes=(2000, 200, 500), target_sizes=(200, 200, 500),
-      seed=seed, task="paraphrase")
-  enc, vocab = _encode_splits(splits, MAX_LENGTH)
-  key = ("t8", vocab)
-  if key not in cache:
-    def make_encoder():
-      return BagOfEmbeddings(vocab_size=vocab, hidden_size=HIDDEN)
-    adam = lambda n: make_optimizer("adamw", learning_rate=5e-3, total_steps=n,
-                                    warmup_steps=0, weight_decay=0.0)
-    single = finetune(SequenceClassifier(make_encoder(), 2, dropout_rate=0.1),
-                      adam(steps))
-    ft_target = finetune(SequenceClassifier(make_encoder(), 2, dropout_rate=0.1),
-                         adam(steps // 2))
-    # Private encoders narrower than the shared one: with 200 target pairs, full-width
-    # private encoders overfit.
-    common = dict(num_domains=4, dropout_rate=0.1, make_private_encoder=lambda:
-                  BagOfEmbeddings(vocab_size=vocab, hidden_size=HIDDEN // 4))
-    joint = {
-        "FS": fb.fully_shared(make_encoder, adam(steps), num_domains=4,
-                              dropout_rate=0.1),
-        "SS": fb.shared_private(make_encoder, adam(steps), difference_weight=0.01,
-                                **common),
-        "SS-Adv": fb.shared_private_adv(make_encoder, adam(steps),
-                                        difference_weight=0.01,
-                                        adversarial_weight=0.05,
-                                        grl_warmup_steps=steps // 2, **common),
-        "DRSS": fb.drss(make_encoder, adam(steps), difference_weight=0.01,
-                        drss_weight=1e-3, common_head=True, **common),
-        "DRSS-Adv": fb.drss_adv(make_encoder, adam(steps), difference_weight=0.01,
-                                drss_weight=1e-3, adversarial_weight=0.05,
-                                grl_warmup_steps=steps // 2, common_head=True,
-                                **common),
-    }
-    cache[key] = (single, ft_target, joint)
-  single, ft_target, joint = cache[key]
-  src = enc["books"]["train"]
-  tests = {t: enc[t]["test"] for t in TARGETS8}
-  scores = {row: [] for row in rows}
+def _adam(steps: int):
+  return make_optimizer("adamw", learning_rate=5e-3, total_steps=steps,
+                        warmup_steps=0, weight_decay=0.0)
+
+
+def _single_rows8(enc, vocab, steps, seed, rows) -> dict:
+  """{row: [scores of each target]} of Tgt-Only, Src-Only and Fine-Tune."""
+  def classifier():
+    return SequenceClassifier(BagOfEmbeddings(vocab_size=vocab, hidden_size=HIDDEN), 2,
+                              dropout_rate=0.1)
+  single = finetune(classifier(), _adam(steps))
+  ft_target = finetune(classifier(), _adam(steps // 2))
+  scores = {row: [] for row in rows if row in SINGLE8}
   if {"Src-Only", "Fine-Tune"} & set(rows):
-    src_state = runner.fit(single, _batches(src, 32, seed), steps, seed)
+    source = _fit(single, enc["books"]["train"], steps, seed)
   for t in TARGETS8:
-    tgt = enc[t]["train"]
-    if "Tgt-Only" in rows:
-      tgt_state = runner.fit(single, _batches(tgt, 32, seed), steps, seed)
-      scores["Tgt-Only"].append(pair_scores(runner.logits(single, tgt_state, tests[t]),
-                                            tests[t]["labels"]))
-    if "Src-Only" in rows:
-      scores["Src-Only"].append(pair_scores(runner.logits(single, src_state, tests[t]),
-                                            tests[t]["labels"]))
-    if "Fine-Tune" in rows:
-      # Fine-Tune: the source model's parameters, a fresh optimizer on the target.
-      # (A fresh AdamW state is all zeros, whatever the parameters.)
-      ft_state = ft_target.init(jax.random.PRNGKey(seed), tgt).replace(
-          params=src_state.params)
-      ft_state = runner.fit(ft_target, _batches(tgt, 32, seed), steps // 2, seed,
-                            state=ft_state)
-      scores["Fine-Tune"].append(pair_scores(runner.logits(ft_target, ft_state,
-                                                           tests[t]),
-                                             tests[t]["labels"]))
-  mixed = _cat([src] + [enc[t]["train"] for t in TARGETS8])
+    tgt, test = enc[t]["train"], enc[t]["test"]
+    fitted = {
+        "Tgt-Only": lambda: _fit(single, tgt, steps, seed),
+        "Src-Only": lambda: source,
+        # The source model's parameters, a fresh optimizer on the target.
+        "Fine-Tune": lambda: _fit(ft_target, tgt, steps // 2, seed,
+                                  start_from=lambda fresh: carry_params(source.state,
+                                                                        fresh))}
+    for row in scores:
+      scores[row].append(pair_scores(fitted[row]().logits(test), test["labels"]))
+  return scores
+
+
+def _feature_step(row, vocab, steps, settings, overrides):
+  kwargs = method_settings(settings, FEATURE_FILES[row], "feature_tl", overrides)
+  if kwargs["method"] != "fully_shared":
+    # Private encoders narrower than the shared one: with 200 target pairs,
+    # full-width private encoders overfit.
+    kwargs["make_private_encoder"] = lambda: BagOfEmbeddings(vocab_size=vocab,
+                                                             hidden_size=HIDDEN // 4)
+  return fb.build_feature_step(
+      make_encoder=lambda: BagOfEmbeddings(vocab_size=vocab, hidden_size=HIDDEN),
+      tx=_adam(steps), num_domains=1 + len(TARGETS8), **kwargs)
+
+
+def _joint_rows8(enc, vocab, steps, seed, rows, settings, overrides) -> dict:
+  """{row: [scores of each target]} of the methods trained on all domains at once."""
+  mixed = _cat([enc["books"]["train"]] + [enc[t]["train"] for t in TARGETS8])
   # Targets are small: oversample them so each batch holds every domain.
   target_rows = np.flatnonzero(mixed["domain"] > 0)
   mixed = {k: np.concatenate([v, np.repeat(v[target_rows], 2, axis=0)])
            for k, v in mixed.items()}
-  for row, step in joint.items():
-    if row not in rows:
-      continue
-    state = runner.fit(step, _batches(mixed, 32, seed), steps, seed)
-    for t in TARGETS8:
-      scores[row].append(pair_scores(runner.logits(step, state, tests[t]),
-                                     tests[t]["labels"]))
+  scores = {}
+  for row in (r for r in rows if r in FEATURE_FILES):
+    model = _fit(_feature_step(row, vocab, steps, settings, overrides), mixed, steps,
+                 seed)
+    scores[row] = [pair_scores(model.logits(enc[t]["test"]), enc[t]["test"]["labels"])
+                   for t in TARGETS8]
     if row.startswith("DRSS"):
-      corr = fb.domain_relationships(state)
+      corr = fb.domain_relationships(model.state)
       print(f"  seed {seed} {row} Omega correlations (books, dvd, electronics, "
             f"kitchen):\n{np.array2string(corr, precision=2)}", file=sys.stderr)
-  return {row: np.mean(v, axis=0) for row, v in scores.items()}
+  return scores
+
+
+def table8(seed: int, steps: int, rows: Sequence[str], settings: Settings,
+           overrides: Optional[Mapping] = None) -> dict:
+  """{row: mean over the targets of pair_scores} for one seed."""
+  splits = synthetic.source_target_splits(
+      "books", TARGETS8, source_sizes=(2000, 200, 500), target_sizes=(200, 200, 500),
+      seed=seed, task="paraphrase")
+  enc, vocab = _encode_splits(splits, MAX_LENGTH)
+  scores = {**_single_rows8(enc, vocab, steps, seed, rows),
+            **_joint_rows8(enc, vocab, steps, seed, rows, settings, overrides)}
+  return {row: np.mean(scores[row], axis=0) for row in rows}
 
 
 # --- Table 9 -------------------------------------------------------------------------
 
 TABLE9_ROWS = ("Src-only", "Tgt-only", "TL", "Ruder & Plank", "RTL", "MGTL")
+INSTANCE_FILES = {"RTL": "rtl", "MGTL": "mgtl"}
 SOURCES9 = ("books", "dvd", "electronics")
 TARGET9 = "kitchen"
 
 
-def table9(seed: int, runner: Runner, steps: int, cache: dict, trials: int,
-           rows: Sequence[str] = TABLE9_ROWS) -> dict:
+def _table9_data(seed: int):
+  """(parts {'source', 'target', 'dev'}, test, flipped [source rows], vocab size)."""
   sizes = {d: (700, 10, 10) for d in SOURCES9} | {TARGET9: (100, 200, 500)}
   splits = synthetic.multi_domain_splits(sizes, seed=seed, task="sentiment")
   enc, vocab = _encode_splits(splits, MAX_LENGTH)
@@ -221,54 +223,54 @@ def table9(seed: int, runner: Runner, steps: int, cache: dict, trials: int,
   tgt, dev, test = (enc[TARGET9][s] for s in ("train", "dev", "test"))
   for part in (tgt, dev, test):
     part["domain"] = np.ones_like(part["domain"])
-  key = ("t9", vocab)
-  if key not in cache:
-    clf = SequenceClassifier(BagOfEmbeddings(vocab_size=vocab, hidden_size=HIDDEN), 2,
-                             dropout_rate=0.1)
-    # SGD for every row: Adam's per-coordinate normalisation blurs the delayed
-    # reward the selectors learn from (see etjax/algorithms/instance_based).
-    sgd = make_optimizer("sgd", learning_rate=1.0, total_steps=steps, momentum=None)
-    cache[key] = {
-        "plain": finetune(clf, sgd),
-        "RTL": ib.rtl(clf, sgd, optax.adam(1e-2), selector_hidden=16,
-                      entropy_weight=0.05),
-        "MGTL": ib.mgtl(clf, sgd, optax.adam(1e-2), selector_hidden=16,
-                        entropy_weight=0.05, adversarial_weight=0.1,
-                        immediate_weight=0.3),
-    }
-  steps_ = cache[key]
-  plain = steps_["plain"]
+  return {"source": source, "target": tgt, "dev": dev}, test, flipped, vocab
 
-  def score(step, state):
-    logits = runner.logits(step, state, test)
+
+def _selector_row(row, classifier, tx, parts, steps, seed, flipped, settings,
+                  overrides) -> Fitted:
+  """RTL or MGTL trained on {'source', 'target', 'dev'} batches."""
+  kwargs = method_settings(settings, INSTANCE_FILES[row], "instance_tl", overrides)
+  step = ib.build_instance_step(classifier=classifier, tx=tx, **kwargs)
+  model = _fit(step, parts, steps, seed,
+               batch_size={"source": BATCH, "target": BATCH, "dev": 100})
+  p = model.predict(parts["source"])["select_prob"].astype(np.float64)
+  print(f"  seed {seed} {row}: expected precision of selection (clean labels) "
+        f"{np.sum(p * ~flipped) / np.sum(p):.3f}, mean select prob {p.mean():.3f}",
+        file=sys.stderr)
+  return model
+
+
+def table9(seed: int, steps: int, rows: Sequence[str], settings: Settings,
+           overrides: Optional[Mapping] = None) -> dict:
+  """{row: [ACC, AUC] on the target's test split} for one seed."""
+  parts, test, flipped, vocab = _table9_data(seed)
+  source, tgt, dev = parts["source"], parts["target"], parts["dev"]
+  clf = SequenceClassifier(BagOfEmbeddings(vocab_size=vocab, hidden_size=HIDDEN), 2,
+                           dropout_rate=0.1)
+  # SGD for every row: Adam's per-coordinate normalisation blurs the delayed
+  # reward the selectors learn from (see etjax/algorithms/instance_based).
+  sgd = make_optimizer("sgd", learning_rate=1.0, total_steps=steps, momentum=None)
+  plain = finetune(clf, sgd)
+
+  def score(model: Fitted):
+    logits = model.logits(test)
     return 100 * np.array([metrics_lib.accuracy(logits, test["labels"]),
                            metrics_lib.auc(logits, test["labels"])])
 
-  out = {}
-  for row, data in (("Src-only", source), ("Tgt-only", tgt),
-                    ("TL", _cat([source, tgt]))):
-    if row in rows:
-      out[row] = score(plain, runner.fit(plain, _batches(data, 32, seed), steps, seed))
+  data = {"Src-only": source, "Tgt-only": tgt, "TL": _cat([source, tgt])}
   if "Ruder & Plank" in rows:
-    search = rp.ruder_plank(source, tgt, dev, step=plain, vocab_size=vocab,
-                            num_selected=700, num_trials=trials,
-                            train_steps=steps // 2, batch_size=32, seed=seed,
-                            metric="accuracy")
-    chosen = _cat([{k: v[search.selected] for k, v in source.items()}, tgt])
-    out["Ruder & Plank"] = score(plain, runner.fit(plain, _batches(chosen, 32, seed),
-                                                   steps, seed))
-  for row in ("RTL", "MGTL"):
-    if row not in rows:
-      continue
-    step = steps_[row]
-    batches = ib.instance_batches(source, tgt, dev, source_batch_size=32,
-                                  target_batch_size=32, dev_batch_size=100, seed=seed)
-    state = runner.fit(step, batches, steps, seed)
-    out[row] = score(step, state)
-    p = np.asarray(runner.fns(step)[1](state, source)["select_prob"])
-    print(f"  seed {seed} {row}: expected precision of selection (clean labels) "
-          f"{np.sum(p * ~flipped) / np.sum(p):.3f}, mean select prob {p.mean():.3f}",
-          file=sys.stderr)
+    search = rp.search(source, tgt, dev, step=plain, vocab_size=vocab, seed=seed,
+                       **method_settings(settings, "ruder_plank", "ruder_plank",
+                                         overrides))
+    data["Ruder & Plank"] = _cat([{k: v[search.selected] for k, v in source.items()},
+                                  tgt])
+  out = {}
+  for row in rows:
+    if row in INSTANCE_FILES:
+      out[row] = score(_selector_row(row, clf, sgd, parts, steps, seed, flipped,
+                                     settings, overrides))
+    else:
+      out[row] = score(_fit(plain, data[row], steps, seed))
   return out
 
 
@@ -282,52 +284,32 @@ def _markdown(title, columns, rows, results):
   return "\n".join(lines)
 
 
-def run_table8(seeds=(0, 1, 2), steps: int = 1500,
-               rows: Sequence[str] = TABLE8_ROWS) -> str:
-  """Table 8 as markdown (gin/runs/table8_feature_tl.gin binds these arguments);
-  `rows` selects of TABLE8_ROWS."""
+def run_table8(*, settings: Settings, seeds=(0, 1, 2), steps: int = 1500,
+               rows: Sequence[str] = TABLE8_ROWS,
+               overrides: Optional[Mapping[str, Mapping]] = None) -> str:
+  """Table 8 as markdown (gin/runs/table8_feature_tl.gin binds the arguments but
+  `settings`, which `etjax run` passes: {file stem: {selector: {arg: value}}} of
+  gin/algorithms/*.gin). `rows` selects of TABLE8_ROWS; `overrides` maps a method's
+  file stem to arguments replacing its settings, e.g. {'drss': {'drss_weight': 0.01}}."""
   rows = select("feature_table8.rows", rows, TABLE8_ROWS)
-  runner, cache = Runner(), {}
-  results = [table8(s, runner, steps, cache, rows) for s in seeds]
+  _check_overrides("feature_table8.overrides", overrides, FEATURE_FILES.values())
+  results = [table8(s, steps, rows, settings, overrides) for s in seeds]
   return _markdown("Table 8: feature-based TL, synthetic paraphrase pairs (source books; "
                    "targets dvd, electronics, kitchen, averaged)",
                    ("Prec", "Rec", "F1", "ACC", "AUC"), rows, results)
 
 
-def run_table9(seeds=(0, 1, 2), steps: int = 800, trials: int = 8,
-               rows: Sequence[str] = TABLE9_ROWS) -> str:
-  """Table 9 as markdown (gin/runs/table9_instance_tl.gin binds these arguments);
-  `rows` selects of TABLE9_ROWS."""
+def run_table9(*, settings: Settings, seeds=(0, 1, 2), steps: int = 800,
+               rows: Sequence[str] = TABLE9_ROWS,
+               overrides: Optional[Mapping[str, Mapping]] = None) -> str:
+  """Table 9 as markdown (gin/runs/table9_instance_tl.gin binds the arguments but
+  `settings`; see run_table8). `rows` selects of TABLE9_ROWS; `overrides` as in
+  run_table8, for 'rtl', 'mgtl' and 'ruder_plank' (e.g. {'ruder_plank':
+  {'num_trials': 4}})."""
   rows = select("instance_table9.rows", rows, TABLE9_ROWS)
-  runner, cache = Runner(), {}
-  results = [table9(s, runner, steps, cache, trials, rows) for s in seeds]
+  _check_overrides("instance_table9.overrides", overrides,
+                   (*INSTANCE_FILES.values(), "ruder_plank"))
+  results = [table9(s, steps, rows, settings, overrides) for s in seeds]
   return _markdown("Table 9: instance-based TL, synthetic sentiment (source pool "
                    "books+dvd+electronics with 20% flipped labels; target kitchen)",
                    ("ACC", "AUC"), rows, results)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--table", choices=("8", "9", "both"), default="both")
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--steps8", type=int, default=1500)
-  parser.add_argument("--steps9", type=int, default=800)
-  parser.add_argument("--trials", type=int, default=8)
-  parser.add_argument("--rows8", nargs="+", default=list(TABLE8_ROWS))
-  parser.add_argument("--rows9", nargs="+", default=list(TABLE9_ROWS))
-  args = parser.parse_args(argv)
-  command = "python -m etjax.experiments.tl_feature_instance " + " ".join(
-      sys.argv[1:] if argv is None else argv)
-  start = time.time()
-  print(f"Command: `{command.strip()}`; device: {jax.devices()[0].platform}, "
-        f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± std.\n")
-  if args.table in ("8", "both"):
-    print(run_table8(args.seeds, args.steps8, args.rows8) + "\n")
-  if args.table in ("9", "both"):
-    print(run_table9(args.seeds, args.steps9, args.trials, args.rows9))
-  print(f"\n(wall time {time.time() - start:.0f} s)")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

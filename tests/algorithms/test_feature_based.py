@@ -17,6 +17,7 @@ from etjax.algorithms.shared_private import shared_head_weights
 from etjax.models.bag import BagOfEmbeddings
 from etjax.sharding import mesh as mesh_lib
 from etjax.sharding import partitioning, rules as rules_lib
+from etjax.train import fit as fit_lib
 
 VOCAB, LENGTH, K = 40, 8, 3
 
@@ -187,15 +188,12 @@ def test_drss_recovers_a_known_domain_relationship():
   data = _related_domains(steps * size, seed=1)
   tx = make_optimizer("adamw", learning_rate=2e-2, total_steps=steps, weight_decay=0.0)
   step = fb.drss(_encoder(16), tx, num_domains=K, drss_weight=1e-3, dropout_rate=0.0)
-  state = step.init(jax.random.PRNGKey(0), {k: v[:size] for k, v in data.items()})
-  update = jax.jit(step.update)
-  for i in range(steps):
-    state, metrics = update(state, {k: v[i * size:(i + 1) * size]
-                                    for k, v in data.items()})
+  # One epoch of the data through the Trainer.
+  trainer, result = fit_lib.fit_arrays(step, data, num_steps=steps, batch_size=size,
+                                       seed=0)
   test = _related_domains(600, seed=2)
-  logits = jax.jit(step.predict)(state, test)["logits"]
-  assert np.mean(np.argmax(logits, -1) == test["labels"]) > 0.7
-  corr = fb.domain_relationships(state)
+  assert fit_lib.accuracy(trainer, result.state, test) > 0.7
+  corr = fb.domain_relationships(result.state)
   assert corr[0, 1] > 0.8, corr
   assert corr[0, 1] > max(corr[0, 2], corr[1, 2]) + 0.3, corr
 

@@ -15,9 +15,9 @@ import pytest
 from etjax import main
 from etjax.algorithms import feature_based as fb
 from etjax.algorithms import instance_based as ib
-from etjax.algorithms import ruder_plank as rp
 from etjax.models.bag import BagOfEmbeddings
 from etjax.models import SequenceClassifier
+from etjax.train import ruder_plank as rp
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FEATURE_FILES = ("fully_shared", "shared_private", "shared_private_adv", "drss",
@@ -68,7 +68,7 @@ def _accepts(fn, kwargs, where):
 def test_ruder_plank_file_binds_existing_parameters():
   # The run files (gin/runs/table8_feature_tl.gin, table9_instance_tl.gin) are parsed
   # by gin itself, against the registered experiment functions, in tests/test_main.py.
-  _accepts(rp.ruder_plank, _bindings("gin/algorithms/ruder_plank.gin")["ruder_plank"],
+  _accepts(rp.search, _bindings("gin/algorithms/ruder_plank.gin")["ruder_plank"],
            "ruder_plank.gin")
   with pytest.raises(ValueError, match="unknown feature-based method 'ss'"):
     fb.build_feature_step("ss", lambda: BagOfEmbeddings(20, 8), optax.sgd(0.1))

@@ -26,9 +26,14 @@ def test_select_orders_checks_and_lists_the_known_names():
 
 
 @pytest.mark.parametrize("run, kwargs, message", [
-    (tl_feature_instance.run_table8, {"rows": ["SA"]}, r"feature_table8.rows: unknown"),
-    (tl_feature_instance.run_table9, {"rows": ["L2TL"]},
+    (tl_feature_instance.run_table8, {"rows": ["SA"], "settings": {}},
+     r"feature_table8.rows: unknown"),
+    (tl_feature_instance.run_table8, {"overrides": {"dann": {}}, "settings": {}},
+     r"feature_table8.overrides: unknown \['dann'\]"),
+    (tl_feature_instance.run_table9, {"rows": ["L2TL"], "settings": {}},
      r"instance_table9.rows: unknown"),
+    (tl_feature_instance.run_table9, {"overrides": {"drss": {}}, "settings": {}},
+     r"instance_table9.overrides: unknown \['drss'\]"),
     (tl_distill.run_table10, {"rows": ["tinybert"]}, r"distill_table10.rows: unknown"),
     (tl_meta.run_table10, {"rows": ["student"], "settings": {}},
      r"meta_table10.rows: unknown"),

@@ -24,6 +24,7 @@ TABLES = {
     "8": ("Table 8 (feature-based)", tl_feature_instance.run_table8),
     "9": ("Table 9 (instance-based)", tl_feature_instance.run_table9),
     "10": ("Table 10 (teachers, TinyBERT)", tl_distill.run_table10),
+    "adabert": ("AdaBERT (searched student vs teacher)", tl_distill.run_adabert),
     "10meta": ("Table 10 (meta-teacher, MetaKD)", tl_meta.run_table10),
     "11": ("Table 11 (MetaFT)", tl_meta.run_table11),
     "12": ("Table 12 (MetaDTL, synthetic)", tl_meta.run_table12),

@@ -18,9 +18,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from etjax.algorithms import (distill, distilbert, feature_based, finetune,
-                              instance_based, metaft, pkd, tinybert)
-from etjax.algorithms.finetune import init_params, with_pretrained
+from etjax.algorithms import feature_based, instance_based, metaft
+from etjax.algorithms.distill import distill
+from etjax.algorithms.distilbert import distilbert
+from etjax.algorithms.finetune import finetune, init_params, with_pretrained
+from etjax.algorithms.pkd import pkd
+from etjax.algorithms.tinybert import tinybert
 from etjax.algorithms.recipe import Stage
 from etjax.train import fit as fit_lib
 from etjax.transfer.roles import Roles

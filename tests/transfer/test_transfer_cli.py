@@ -25,6 +25,15 @@ def files(tmp_path_factory):
   return paths
 
 
+@pytest.fixture(scope="module")
+def teacher(files, tmp_path_factory):
+  """The workdir of a plain `etjax train` run on the same files: the teacher."""
+  workdir = str(tmp_path_factory.mktemp("teacher") / "run")
+  args = [a for a in _args(files, workdir, "none") if "transfer.method" not in a]
+  assert main.run(["train"] + args) == 0
+  return workdir
+
+
 def _args(files, workdir, method, *extra):
   return [
       "--gin.data.source='files'", f"--gin.data.train_path='{files['train']}'",
@@ -45,9 +54,12 @@ def _accuracy(text: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(methods.METHODS))
 def test_method_trains_evaluates_and_predicts_from_files(method, files, tmp_path,
-                                                         capsys):
+                                                         capsys, request):
   workdir = str(tmp_path / method)
-  args = _args(files, workdir, method, f"--gin.data.dev_path='{files['dev']}'")
+  extra = [f"--gin.data.dev_path='{files['dev']}'"]
+  if methods.METHODS[method].needs_teacher:
+    extra.append(f"--gin.transfer.teacher='{request.getfixturevalue('teacher')}'")
+  args = _args(files, workdir, method, *extra)
   assert main.run(["train"] + args) == 0, capsys.readouterr().err
   trained = capsys.readouterr().out.strip().splitlines()[-1]
   assert re.search(r"step 3: accuracy=.*macro_f1=.*auc=", trained), trained
@@ -84,7 +96,21 @@ def test_bad_roles_fail_naming_what(files, tmp_path, capsys):
          "set one of the two")
   _fails(_args(files, workdir, "finetune", "--gin.transfer.method_args={'x': 1}"),
          capsys, "method 'finetune' takes no settings")
+  _fails(_args(files, workdir, "kd"), capsys,
+         "transfer.method = 'kd' needs transfer.teacher")
+  _fails(_args(files, workdir, "kd", "--gin.transfer.teacher='/nonexistent/run'"),
+         capsys, "transfer.teacher '/nonexistent/run': no such directory")
   assert not os.path.exists(workdir)  # nothing was written
+
+
+def test_teacher_with_other_labels_is_refused(files, teacher, tmp_path, capsys):
+  args = _args(files, str(tmp_path / "run"), "kd", f"--gin.transfer.teacher='{teacher}'")
+  for split in ("train", "test"):
+    relabelled = tmp_path / f"{split}.tsv"
+    relabelled.write_text(open(files[split]).read().replace("\tpositive\t", "\tgood\t"))
+    args = [a.replace(files[split], str(relabelled)) for a in args]
+  _fails(args, capsys, f"transfer.teacher '{teacher}' was trained on labels "
+         "['negative', 'positive']; this job's are ['good', 'negative']")
 
 
 def test_methods_command_lists_every_method_with_its_settings(capsys):

@@ -140,8 +140,7 @@ def check_overrides(what: str, overrides: Optional[Mapping], known: Sequence[str
   """Raises ValueError for an override of a selector the experiment does not use."""
   unknown = sorted(set(overrides or {}) - set(known))
   if unknown:
-    raise ValueError(f"{what}: overrides of unknown selector(s) {unknown}; known: "
-                     f"{list(known)}")
+    raise ValueError(f"{what}.overrides: unknown {unknown}; known: {list(known)}")
 
 
 def tinybert_step(settings: Settings, overrides, student_steps: int,

@@ -17,6 +17,7 @@ from etjax.algorithms.finetune import finetune
 from etjax.algorithms import optim
 from etjax.algorithms.step import unbox
 from etjax.data import synthetic
+from etjax.train import fit as fit_lib
 
 MAX_LENGTH = 32
 DOMAIN = "electronics"
@@ -64,31 +65,26 @@ def synthetic_data(seed: int = 0, teacher_size: int = 1200, labelled_size: int =
   return tokenizer, encoded
 
 
+# step -> the Trainer that last trained it: `accuracy` reuses its compiled predict.
+_TRAINERS: dict = {}
+
+
 def fit(step, data, num_steps: int, batch_size: int = 32, seed: int = 0):
-  """Runs `num_steps` updates on shuffled batches of `data`; returns (state, metrics)."""
-  iterator = data_lib.train_iterator(data, batch_size, seed=seed, process_count=1,
-                                     process_index=0)
-  batch = next(iterator)
-  state = jax.jit(step.init)(jax.random.PRNGKey(seed), batch)
-  update = jax.jit(step.update)
-  metrics = {}
-  for i in range(num_steps):
-    if i:
-      batch = next(iterator)
-    state, metrics = update(state, batch)
-  return state, metrics
+  """Trains `step` on shuffled batches of `data` with the one Trainer (fit_arrays:
+  one device, seed for init and shuffling); returns (final state, train metrics, the
+  means over the last logging window)."""
+  trainer, result = fit_lib.fit_arrays(step, data, num_steps=num_steps,
+                                       batch_size=batch_size, seed=seed)
+  _TRAINERS[step] = trainer
+  return result.state, result.train_metrics
 
 
-def accuracy(step, state, data, batch_size: int = 200) -> float:
-  """Weighted accuracy of `step.predict` over `data`."""
-  predict = jax.jit(step.predict)
-  correct = total = 0.0
-  for batch in data_lib.eval_batches(data, batch_size, process_count=1, process_index=0):
-    logits = np.asarray(predict(state, batch)["logits"])
-    w = batch["weight"]
-    correct += float(((logits.argmax(-1) == batch["labels"]) * w).sum())
-    total += float(w.sum())
-  return correct / total
+def accuracy(step, state, data) -> float:
+  """Weighted accuracy of `step.predict` over `data`, in [0, 1] (`step` trained by
+  `fit`)."""
+  if step not in _TRAINERS:
+    raise ValueError("distill_fixtures.accuracy: train the step with fit first")
+  return fit_lib.accuracy(_TRAINERS[step], state, data)
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,6 +31,7 @@ the same run.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -217,8 +218,12 @@ def run_table10(*, settings: Settings, seeds=(0, 1, 2), train_size: int = 400,
   check_overrides("distill_table10", overrides, ("tinybert",))
   steps = (teacher_step(teacher_steps)[1],
            tinybert_step(settings, overrides, student_steps))
-  per_seed = [table10_seed(seed, rows, steps, (train_size, test_size),
-                           (teacher_steps, student_steps)) for seed in seeds]
+  per_seed = []
+  for seed in seeds:
+    per_seed.append(table10_seed(seed, rows, steps, (train_size, test_size),
+                                 (teacher_steps, student_steps)))
+    # A long run's finished seeds stay readable in the log if it is stopped.
+    logging.warning("distill_table10 seed %d: %s", seed, per_seed[-1])
   results = {}
   for row in rows:
     cells = {d: [s[row][d] for s in per_seed] for d in DOMAINS}
@@ -332,8 +337,10 @@ def run_adabert(*, settings: Settings, seeds=(0, 1, 2), domain: str = "electroni
   check_overrides("distill_adabert", overrides, ("AdaBertConfig", "adabert_search"))
   config, kwargs, search = adabert_search_step(settings, overrides, width)
   steps = (teacher_step(teacher_steps)[1], search)
-  reports = [adabert_seed(seed, steps, (config, kwargs), domain,
-                          (train_size, test_size),
-                          (teacher_steps, search_steps, student_steps))
-             for seed in seeds]
+  reports = []
+  for seed in seeds:
+    reports.append(adabert_seed(seed, steps, (config, kwargs), domain,
+                                (train_size, test_size),
+                                (teacher_steps, search_steps, student_steps)))
+    logging.warning("distill_adabert seed %d: %s", seed, reports[-1])
   return adabert_markdown(reports, seeds)

@@ -1,5 +1,6 @@
 """MetaDTL: class relations, transferability and the loss against numpy, the episode
-against etjax.algorithms.meta, head slicing, one-step smoke, nli3 -> nli2 end to end."""
+against etjax.algorithms.meta, head slicing, one-step smoke, and a small Table 12
+cell (sentiment3 -> polarity) end to end as paired claims."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 
 import distill_fixtures as fx
-from etjax import data as data_lib
+from paired_claims import K_SE, SEEDS, assert_paired_gain
+from etjax import main
 from etjax.algorithms import meta, optim
 from etjax.algorithms import metadtl as md
-from etjax.algorithms import metaft as mf
 from etjax.algorithms.finetune import finetune
 from etjax.algorithms.step import unbox
-from etjax.data import synthetic
+from etjax.experiments import cross_task, tl_meta
 
 NUM_LABELS = (3, 2)
 C = 5
@@ -169,6 +170,12 @@ def test_one_step_smoke_task_params_and_errors():
   logits = target.apply({"params": cut}, batch["input_ids"], batch["attention_mask"],
                         batch["token_type_ids"]).logits
   np.testing.assert_allclose(logits, meta_logits[:, 3:], rtol=1e-5, atol=1e-6)
+  # The experiments' recipe carry starts fine-tuning at exactly the cut classifier.
+  ft = finetune(target, tx)
+  carried = tl_meta.carry_task(NUM_LABELS)(new, jax.jit(ft.init)(jax.random.PRNGKey(9),
+                                                                   batch))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+               unbox(carried.params), unbox(cut))
   with pytest.raises(ValueError, match="sum to"):
     md.metadtl(fx.classifier(16, 1, 60, classes=4), tx, num_labels=NUM_LABELS)
   with pytest.raises(ValueError, match="'domain'"):
@@ -178,41 +185,46 @@ def test_one_step_smoke_task_params_and_errors():
 
 
 @functools.lru_cache(maxsize=None)
-def nli_data(seed: int = 0):
-  """Encoded (nli3 train as task 0 + nli2 train as task 1, nli2 train, nli2 test)."""
-  splits = synthetic.cross_task_splits((600, 0, 0), (60, 0, 400), seed=seed)
-  texts = [t for task in splits.values() for part in task.values() for ex in part
-           for t in (ex.text_a, ex.text_b)]
-  tokenizer = data_lib.build_wordpiece_tokenizer(texts, vocab_size=600)
-  enc = lambda ex: data_lib.encode_examples(ex, tokenizer, 48)
-  nli3, nli2 = enc(splits["nli3"]["train"]), enc(splits["nli2"]["train"])
-  as_task = lambda d, t: dict(d, domain=np.full_like(d["domain"], t))
-  mixed = data_lib.concatenate([as_task(nli3, 0), as_task(nli2, 1)])
-  return tokenizer, mixed, nli2, enc(splits["nli2"]["test"])
+def sentiment_pair(seed: int) -> cross_task.CrossTask:
+  """Table 12's synthetic pair, smaller: 3-way sentiment of 600 media reviews ->
+  2-way polarity of 1,000 goods reviews (400 test)."""
+  return cross_task.synthetic_pair(seed, source_size=600, target_size=1000,
+                                   eval_size=400)
 
 
-def test_metadtl_nli3_to_nli2_end_to_end():
-  """MetaDTL on 600 nli3 + 60 nli2 pairs, its nli2 head cut out and fine-tuned on the
-  60, against fine-tuning on the 60 alone. Tiny models (width 32, 1 layer) do not
-  learn the synthetic NLI tasks at this budget (nor a width-64, 2-layer model on
-  4,000 nli3 pairs in 1,500 steps: 33% on 3 classes), so both stay near chance
-  (measured at seed 0 under pytest: 0.515 single task, 0.525 MetaDTL); what is
-  asserted is the robust part: the pipeline runs, its losses are finite, and the
-  fine-tuned model does not fall clearly below the target-only baseline."""
-  tokenizer, mixed, target, test = nli_data()
-  meta_steps, ft_steps = 100, 40
-  tx = optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=meta_steps)
-  step = md.metadtl(fx.classifier(32, 1, tokenizer.vocab_size, classes=C), tx,
-                    num_labels=NUM_LABELS, first_order=True)
-  meta_state, metrics = fx.fit(step, mixed, meta_steps)
-  assert all(np.isfinite(float(v)) for v in metrics.values())
-  assert np.all(np.asarray(meta_state.counts_kc) > 0)
-  ft_tx = optim.make_optimizer("adamw", learning_rate=2e-3, total_steps=ft_steps)
-  single = finetune(fx.classifier(32, 1, tokenizer.vocab_size, classes=2), ft_tx)
-  state, _ = fx.fit(single, target, ft_steps, batch_size=20)
-  single_acc = fx.accuracy(single, state, test)
-  from_meta = mf.start_from(single, md.task_params(meta_state.params["model"],
-                                                   NUM_LABELS, 1), ft_tx)
-  state, _ = fx.fit(from_meta, target, ft_steps, batch_size=20)
-  meta_acc = fx.accuracy(from_meta, state, test)
-  assert meta_acc >= single_acc - 0.08, (meta_acc, single_acc)
+@functools.lru_cache(maxsize=None)
+def cross_task_accuracies() -> dict:
+  """{'single', 'metadtl', 'majority': [test accuracy per seed of SEEDS]}: a smaller
+  Table 12 cell through the experiment's own code (`tl_meta.table12_cell`: the recipe
+  MetaDTL meta-learner over source + share -> target head cut out -> fine-tuned on the
+  share, each stage through the Trainer; metadtl.gin's settings) with 10% of the
+  target (100 reviews), 400 meta steps and 200 fine-tuning steps; single-task
+  fine-tuning on the same share; and the test set's majority-class rate."""
+  settings = main.algorithm_settings()
+  steps: dict = {}
+  out: dict = {}
+  for seed in SEEDS:
+    pair = sentiment_pair(seed)
+    steps = steps or tl_meta.table12_steps(pair, "bert", None, 400, 200, settings)
+    for arm in ("single", "metadtl"):
+      out.setdefault(arm, []).append(
+          tl_meta.table12_cell(arm, pair, 10, steps, seed, 400, 200) / 100)
+    labels = pair.evaluation["labels"]
+    out.setdefault("majority", []).append(np.bincount(labels).max() / len(labels))
+  return out
+
+
+@pytest.mark.slow
+def test_metadtl_sentiment3_to_polarity_end_to_end():
+  """Paired over seeds 0-4 (`cross_task_accuracies`). The claim fixed before
+  measuring, (a) MetaDTL's mean paired gain over single-task fine-tuning > 2 standard
+  errors, did NOT hold: the gains measured +0.0175, +0.02, +0.03, -0.02, -0.0225 (mean
+  +0.005, SE 0.011; as in RESULTS.md's Table 12, where MetaDTL is within noise of
+  single-task on both pairs). What is true and asserted: (b) MetaDTL learns the target
+  through its whole pipeline, beating the test set's majority-class rate by more than
+  2 standard errors (measured gains 0.11-0.175), and (c) it does not hurt against
+  single-task fine-tuning (mean paired gain above -2 standard errors)."""
+  results = cross_task_accuracies()
+  gain = lambda a, b: np.subtract(results[a], results[b])
+  assert_paired_gain(gain("metadtl", "majority"), context=results)
+  assert_paired_gain(gain("metadtl", "single"), k=-K_SE, context=results)

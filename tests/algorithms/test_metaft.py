@@ -219,6 +219,11 @@ def test_one_step_smoke_and_errors():
       jax.random.PRNGKey(9), batch)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
                unbox(ft_state.params), unbox(new.params["model"]))
+  # The experiments' recipe carry: every classifier parameter, none left fresh.
+  carried = tl_meta.carry_classifier(new, jax.jit(finetune(tiny(), tx).init)(
+      jax.random.PRNGKey(9), batch))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+               unbox(carried.params), unbox(new.params["model"]))
 
 
 def test_dataset_prototypes_equal_class_prototypes_of_all_rows():

@@ -421,7 +421,7 @@ def _job(workdir_suffix: str = "", **classifier_changes):
   if transfer()["method"] is None:
     trainer = _trainer(module, pretrained, run, workdir)
   else:
-    trainer = _transfer_run(splits, encode, run, module, pretrained, workdir,
+    trainer = _transfer_run(splits, tokenizer, run, module, pretrained, workdir,
                             teacher=teacher)
   return trainer, splits, tokenizer, encode, run, module
 
@@ -439,7 +439,7 @@ def _teacher(label_names: Sequence[str]):
   return teacher
 
 
-def _transfer_run(splits, encode, run: dict, module, pretrained, workdir: str,
+def _transfer_run(splits, tokenizer, run: dict, module, pretrained, workdir: str,
                   saved_roles=None, teacher=None):
   """The RecipeRun of `transfer.method` on the data's roles (etjax.transfer); with
   `saved_roles` (predict: a trained workdir's roles.json) no data is read."""
@@ -447,6 +447,7 @@ def _transfer_run(splits, encode, run: dict, module, pretrained, workdir: str,
   from etjax.transfer import job, methods  # pylint: disable=g-import-not-at-top
   settings = transfer()
   method = methods.get(settings["method"])
+  encode = _encoder(tokenizer, run)
   if saved_roles is not None:
     roles, eval_data = saved_roles, None
   else:
@@ -463,7 +464,8 @@ def _transfer_run(splits, encode, run: dict, module, pretrained, workdir: str,
       make_tx=job.make_tx_factory(optimizer()),
       steps_for=job.steps_rule(run["num_steps"], run["num_epochs"], run["batch_size"]),
       batch_size=run["batch_size"], seed=run["seed"], eval_data=eval_data,
-      teacher=(teacher.module, teacher.params) if teacher else None)
+      teacher=(teacher.module, teacher.params) if teacher else None,
+      vocab_size=tokenizer.vocab_size, workdir=workdir)
   stages = method.build(materials, job.method_settings(method, algorithm_settings(),
                                                        settings["method_args"]))
   return job.RecipeRun(stages, workdir, roles=roles, **_trainer_options(run, module))
@@ -578,7 +580,7 @@ def cmd_predict(input_path: str, output_path: str, workdir_suffix: str = "") -> 
     job_roles = roles.from_json(saved, where=os.path.join(workdir, assets.ROLES))
     examples = roles.with_domains(examples, inputs, saved, job_roles, where=input_path)
     teacher = _teacher(label_names) if transfer()["teacher"] else None
-    trainer = _transfer_run(None, encode, run, module, None, workdir,
+    trainer = _transfer_run(None, tokenizer, run, module, None, workdir,
                             saved_roles=job_roles, teacher=teacher)
   batch = _first_batch(encode, examples)
   trainer.check_resumable(batch)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from typing import Optional, Sequence
 
 from etjax.algorithms.recipe import Stage, carry_params
 from etjax.train.trainer import FitResult, Trainer
@@ -58,10 +58,16 @@ def run_recipe(stages: Sequence[Stage], workdir: str, **trainer_kwargs
   results: list[FitResult] = []
   for stage, directory in zip(stages, stage_dirs(workdir, stages)):
     trainer = stage_trainer(stage, directory, **trainer_kwargs)
-    start_from = None
-    if results:
-      previous, carry = results[-1].state, stage.carry or carry_params
-      start_from = lambda fresh, previous=previous, carry=carry: carry(previous, fresh)
-    results.append(trainer.fit(stage.train_data(), stage.eval_data,
-                               start_from=start_from))
+    results.append(fit_stage(trainer, stage, results[-1] if results else None))
   return results
+
+
+def fit_stage(trainer: Trainer, stage: Stage, previous: Optional[FitResult]
+              ) -> FitResult:
+  """Trains one stage (resuming from its own checkpoints), starting a fresh run from
+  the previous stage's final state through the stage's carry."""
+  start_from = None
+  if previous is not None:
+    carry = stage.carry or carry_params
+    start_from = lambda fresh: carry(previous.state, fresh)
+  return trainer.fit(stage.train_data(), stage.eval_data, start_from=start_from)

@@ -88,14 +88,27 @@ class RecipeRun:
                roles: Optional[roles_lib.Roles] = None, **trainer_kwargs):
     self.stages, self.workdir, self.trainer_kwargs = list(stages), workdir, trainer_kwargs
     self.roles = roles
+    self.resumed_from: Optional[int] = None  # set by `fit`
     self.final = recipe_lib.stage_trainer(
         self.stages[-1], recipe_lib.stage_dirs(workdir, self.stages)[-1],
         **trainer_kwargs)
     self.workdir = self.final.workdir if len(self.stages) == 1 else workdir
 
   def fit(self) -> FitResult:
-    """Trains every stage; returns the last stage's FitResult."""
-    return recipe_lib.run_recipe(self.stages, self.workdir, **self.trainer_kwargs)[-1]
+    """Trains every stage (a finished one restores its final checkpoint, the stopped
+    one resumes); returns the last stage's FitResult."""
+    result = None
+    self.resumed_from = None
+    for stage, directory in zip(self.stages,
+                                recipe_lib.stage_dirs(self.workdir, self.stages)):
+      trainer = recipe_lib.stage_trainer(stage, directory, **self.trainer_kwargs)
+      result = recipe_lib.fit_stage(trainer, stage, result)
+      # The step the interrupted stage went on from (a finished stage's restore is
+      # not a resumption of training).
+      resumed = getattr(trainer, "resumed_from", None)
+      if resumed is not None and resumed < stage.num_steps:
+        self.resumed_from = resumed
+    return result
 
   def check_resumable(self, example_batch) -> None:
     """The target model's checkpoints, where there are any, fit this job's state."""
@@ -113,9 +126,6 @@ class RecipeRun:
   def predict(self, state, data) -> dict:
     return self.final.predict(state, data)
 
-  @property
-  def resumed_from(self) -> Optional[int]:
-    return getattr(self.final, "resumed_from", None)
 
 
 

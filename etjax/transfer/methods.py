@@ -12,6 +12,8 @@ gin/algorithms file (`settings_file`), which the caller reads and the user overr
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -25,7 +27,9 @@ from etjax.algorithms.finetune import finetune, init_params, with_pretrained
 from etjax.algorithms.pkd import pkd
 from etjax.algorithms.tinybert import tinybert
 from etjax.algorithms.recipe import Stage
+from etjax.data import streams as streams_lib
 from etjax.train import fit as fit_lib
+from etjax.train import ruder_plank as ruder_plank_search
 from etjax.transfer.roles import Roles
 
 Arrays = dict[str, np.ndarray]
@@ -49,6 +53,9 @@ class Materials:
     seed: shuffling seed.
     eval_data: evaluation batches of the target model (given to the last stage).
     teacher: (classifier module, params) of transfer.teacher, for distillation.
+    vocab_size: the tokenizer's (Ruder & Plank's term distributions).
+    workdir: the job's directory (Ruder & Plank keeps its selection there, so a
+      resumed run does not search again).
   """
   roles: Roles
   encode: Callable[[Sequence[Any]], Arrays]
@@ -61,6 +68,8 @@ class Materials:
   seed: int
   eval_data: Any = None
   teacher: Optional[tuple[Any, Any]] = None
+  vocab_size: int = 0
+  workdir: Optional[str] = None
 
   def batches(self, rows: Sequence[Any]) -> Callable[[], Any]:
     """() -> fresh resumable batches of `rows`, encoded when a stage trains (a job
@@ -153,8 +162,15 @@ def _feature(method: str) -> Callable[[Materials, dict], list]:
     step = feature_based.build_feature_step(
         method, m.make_encoder, m.make_tx(steps, FEATURE),
         num_domains=m.roles.num_domains, num_labels=m.make_classifier().num_labels,
-        pretrained=pretrained, **kwargs)
-    return [Stage(method, step, steps, m.batches(rows), m.eval_data)]
+        pretrained=pretrained, domain_blocked=private, **kwargs)
+    # Private encoders: domain-blocked batches, so each row passes through its own
+    # domain's private encoder only (not all K of them).
+    batches = (m.batches(rows) if not private else
+               lambda: streams_lib.domain_blocked_stream(
+                   m.encode(rows), m.batch_size, num_domains=m.roles.num_domains,
+                   seed=m.seed, batch_size_name="train.batch_size", process_index=0,
+                   process_count=1))
+    return [Stage(method, step, steps, batches, m.eval_data)]
   return build
 
 
@@ -206,6 +222,53 @@ def _metaft(m: Materials, settings: dict) -> list:
   return [Stage("meta", meta, steps, m.batches(rows)),
           _finetune_stage(m, "target", m.roles.target, eval_data=m.eval_data,
                           carry=_carry_meta_model)]
+
+
+SELECTION_FILE = "ruder_plank_selection.json"
+
+
+def _selected_source_rows(m: Materials, settings: dict) -> list:
+  """The source rows Ruder & Plank's search chooses (each trial a fresh target model
+  trained through the Trainer and scored on the dev rows); the choice is written to
+  the workdir once and read back by a resumed run."""
+  path = os.path.join(m.workdir, SELECTION_FILE) if m.workdir else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      chosen = json.load(f)["selected"]
+  else:
+    kwargs = dict(settings)
+    wanted = kwargs.pop("num_selected")
+    target, dev = m.dev_rows()
+    trial_steps = kwargs.pop("train_steps")
+    pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+    trial = finetune(m.make_classifier(), m.make_tx(trial_steps, ENCODER),
+                     pretrained=pretrained)
+    search = ruder_plank_search.search(
+        m.encode(m.roles.source), m.encode(target), m.encode(dev), step=trial,
+        vocab_size=m.vocab_size, num_selected=wanted, train_steps=trial_steps,
+        seed=m.seed, **kwargs)
+    chosen = sorted(int(i) for i in search.selected)
+    if path:
+      os.makedirs(m.workdir, exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        json.dump({"selected": chosen, "dev_value": float(search.value)}, f)
+      os.replace(path + ".tmp", path)
+  return [m.roles.source[i] for i in chosen]
+
+
+def _ruder_plank(m: Materials, settings: dict) -> list:
+  wanted, available = settings["num_selected"], len(m.roles.source)
+  if available and not 0 < wanted <= available:  # (no rows: a restore, e.g. predict)
+    raise ValueError(f"ruder_plank: num_selected = {wanted} for {available} source "
+                     "rows; set transfer.method_args={'num_selected': N} with N in "
+                     f"1..{available}")
+  steps = m.steps_for(len(m.roles.target) + settings["num_selected"])
+  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  step = finetune(m.make_classifier(), m.make_tx(steps, ENCODER), pretrained=pretrained)
+  data = lambda: fit_lib.train_batches(
+      m.encode(m.roles.target + _selected_source_rows(m, settings)), m.batch_size,
+      m.seed)
+  return [Stage("ruder_plank", step, steps, data, m.eval_data)]
 
 
 STUDENT = (r"^student/encoder/",)
@@ -266,6 +329,9 @@ def _methods() -> dict[str, Method]:
              _instance("rtl"), settings_file="rtl", needs_source=True),
       Method("mgtl", "instance", "RTL plus a source/target discriminator's rewards",
              _instance("mgtl"), settings_file="mgtl", needs_source=True),
+      Method("ruder_plank", "instance", "target rows plus the source rows chosen by "
+             "Bayesian-optimised similarity weights (scored on dev)", _ruder_plank,
+             settings_file="ruder_plank", needs_source=True),
       Method("metaft", "meta", "meta-learner over every domain (typicality weights), "
              "then fine-tune on the target", _metaft, settings_file="metaft"),
       Method("kd", "distill", "Hinton distillation of transfer.teacher into the "

@@ -59,6 +59,9 @@ def test_method_trains_evaluates_and_predicts_from_files(method, files, tmp_path
   extra = [f"--gin.data.dev_path='{files['dev']}'"]
   if methods.METHODS[method].needs_teacher:
     extra.append(f"--gin.transfer.teacher='{request.getfixturevalue('teacher')}'")
+  if method == "ruder_plank":  # a search sized for 64 source rows
+    extra.append("--gin.transfer.method_args={'num_selected': 20, 'num_trials': 2, "
+                 "'train_steps': 2}")
   args = _args(files, workdir, method, *extra)
   assert main.run(["train"] + args) == 0, capsys.readouterr().err
   trained = capsys.readouterr().out.strip().splitlines()[-1]
@@ -96,6 +99,8 @@ def test_bad_roles_fail_naming_what(files, tmp_path, capsys):
          "set one of the two")
   _fails(_args(files, workdir, "finetune", "--gin.transfer.method_args={'x': 1}"),
          capsys, "method 'finetune' takes no settings")
+  _fails(_args(files, workdir, "ruder_plank"), capsys,
+         "ruder_plank: num_selected = 700 for 61 source rows")
   _fails(_args(files, workdir, "kd"), capsys,
          "transfer.method = 'kd' needs transfer.teacher")
   _fails(_args(files, workdir, "kd", "--gin.transfer.teacher='/nonexistent/run'"),

@@ -54,12 +54,15 @@ def data(source: str = "synthetic", *, train_path: Optional[str] = None,
          task_or_mixture: Optional[str] = None, seqio_modules: Sequence[str] = (),
          train_split: str = "train", eval_split: str = "test",
          num_train_examples: Optional[int] = None, dev_path: Optional[str] = None,
-         target_domains: Optional[Sequence[str]] = None):
+         target_domains: Optional[Sequence[str]] = None,
+         source_task_path: Optional[str] = None, source_task_label=None):
   """The job's labelled data: 'synthetic', 'files' (CSV/TSV/JSONL), 'debian' or 'seqio'
   (a Task or Mixture named by task_or_mixture, registered by importing seqio_modules,
   or one of the Debian tasks when debian_dir is given). dev_path: target rows for
   model choices and keep-best (files). target_domains: the domain values that are the
-  target of `transfer.method`; every other domain of the training data is a source."""
+  target of `transfer.method`; every other domain of the training data is a source.
+  source_task_path: MetaDTL's cross-task source file (same text columns, its own label
+  column source_task_label, default data.label, and its own label set)."""
   import dataclasses as dc  # pylint: disable=g-import-not-at-top
   splits = _read_data(source, train_path=train_path, eval_path=eval_path, format=format,
                       text_a=text_a, text_b=text_b, label=label, domain=domain,
@@ -73,7 +76,16 @@ def data(source: str = "synthetic", *, train_path: Optional[str] = None,
   if isinstance(target_domains, str):
     raise ValueError(f"data.target_domains = {target_domains!r}: give a list, e.g. "
                      f"['{target_domains}']")
-  return dc.replace(splits, target_domains=tuple(target_domains or ()))
+  source_task = None
+  if source_task_path:
+    from etjax.data import readers  # pylint: disable=g-import-not-at-top
+    from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+    schema = readers.Schema(text_a=text_a, text_b=text_b, header=header,
+                            label=source_task_label or label)
+    source_task = tasks.source_task_rows(source_task_path, schema, format=format,
+                                         on_error=on_error)
+  return dc.replace(splits, target_domains=tuple(target_domains or ()),
+                    source_task=source_task)
 
 
 def _read_data(source: str, *, train_path, eval_path, format, text_a, text_b, label,  # pylint: disable=redefined-builtin
@@ -439,6 +451,18 @@ def _teacher(label_names: Sequence[str]):
   return teacher
 
 
+def _source_task(splits, saved_roles):
+  """(rows, number of labels) of MetaDTL's source task: the data's, or for a restore
+  (predict) the label count roles.json kept."""
+  if saved_roles is not None:
+    count = saved_roles.source_task_labels
+    return ([], count) if count else None
+  if splits.source_task is None:
+    return None
+  rows, names = splits.source_task
+  return rows, len(names)
+
+
 def _transfer_run(splits, tokenizer, run: dict, module, pretrained, workdir: str,
                   saved_roles=None, teacher=None):
   """The RecipeRun of `transfer.method` on the data's roles (etjax.transfer); with
@@ -465,7 +489,8 @@ def _transfer_run(splits, tokenizer, run: dict, module, pretrained, workdir: str
       steps_for=job.steps_rule(run["num_steps"], run["num_epochs"], run["batch_size"]),
       batch_size=run["batch_size"], seed=run["seed"], eval_data=eval_data,
       teacher=(teacher.module, teacher.params) if teacher else None,
-      vocab_size=tokenizer.vocab_size, workdir=workdir)
+      vocab_size=tokenizer.vocab_size, workdir=workdir,
+      source_task=_source_task(splits, saved_roles))
   stages = method.build(materials, job.method_settings(method, algorithm_settings(),
                                                        settings["method_args"]))
   return job.RecipeRun(stages, workdir, roles=roles, **_trainer_options(run, module))

@@ -26,6 +26,8 @@ class Splits:
     train, eval: lists of etjax.data.Example.
     dev: the dev file's examples, or None.
     target_domains: the domains that are the target of a transfer job (empty: all).
+    source_task: MetaDTL's cross-task source: its rows (labels in its own label
+      set) and label names, or None.
     label_names: label strings (Example.label indexes them).
     domain_names: domain strings (Example.domain indexes them).
     schema, format: the readers.Schema and format of file data (None otherwise).
@@ -38,6 +40,7 @@ class Splits:
   format: Optional[str] = None
   dev: Optional[list] = None  # rows for model choices (a dev file), never the eval's
   target_domains: tuple[str, ...] = ()  # a transfer job's target domain values
+  source_task: Optional[tuple[list, tuple[str, ...]]] = None  # (rows, label names)
 
 
 def synthetic_splits(*, task: str = "sentiment",
@@ -68,6 +71,16 @@ def file_splits(train_path: str, eval_path: str, schema: readers.Schema, *,
                 label_names=train.label_vocab, domain_names=train.domain_vocab,
                 schema=schema, format=format or readers.guess_format(train_path),
                 dev=read_like_train(dev_path) if dev_path else None)
+
+
+def source_task_rows(path: str, schema: readers.Schema, *,
+                     format: Optional[str] = None,  # pylint: disable=redefined-builtin
+                     on_error: str = "raise") -> tuple[list, tuple[str, ...]]:
+  """A cross-task source file (MetaDTL): its rows and its own label set; the schema's
+  domain column is not read."""
+  rows = readers.read_examples(path, dataclasses.replace(schema, domain=None),
+                               format=format, on_error=on_error)
+  return list(rows), tuple(rows.label_vocab)
 
 
 def debian_splits(directory: str, task: str = "use") -> Splits:

@@ -6,6 +6,7 @@ reads gin and passes plain values here).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -131,6 +132,9 @@ class RecipeRun:
 
 def assign_roles(splits, target_domains, where: str) -> roles_lib.Roles:
   """Roles of a job's Splits (train, eval, dev) by `data.target_domains`."""
-  return roles_lib.assign(splits.train, splits.eval, getattr(splits, "dev", None),
-                          domain_names=splits.domain_names,
-                          target_domains=target_domains, where=where)
+  roles = roles_lib.assign(splits.train, splits.eval, splits.dev,
+                           domain_names=splits.domain_names,
+                           target_domains=target_domains, where=where)
+  if splits.source_task is None:
+    return roles
+  return dataclasses.replace(roles, source_task_labels=len(splits.source_task[1]))

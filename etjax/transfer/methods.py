@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from etjax.algorithms import feature_based, instance_based, metaft
+from etjax.algorithms import metadtl as metadtl_lib
 from etjax.algorithms.distill import distill
 from etjax.algorithms.distilbert import distilbert
 from etjax.algorithms.finetune import finetune, init_params, with_pretrained
@@ -56,6 +57,8 @@ class Materials:
     vocab_size: the tokenizer's (Ruder & Plank's term distributions).
     workdir: the job's directory (Ruder & Plank keeps its selection there, so a
       resumed run does not search again).
+    source_task: MetaDTL's cross-task source (rows with labels in its own label set,
+      its number of labels), or None.
   """
   roles: Roles
   encode: Callable[[Sequence[Any]], Arrays]
@@ -70,6 +73,7 @@ class Materials:
   teacher: Optional[tuple[Any, Any]] = None
   vocab_size: int = 0
   workdir: Optional[str] = None
+  source_task: Optional[tuple[list, int]] = None
 
   def batches(self, rows: Sequence[Any]) -> Callable[[], Any]:
     """() -> fresh resumable batches of `rows`, encoded when a stage trains (a job
@@ -304,6 +308,41 @@ def _distillation(kind: str) -> Callable[[Materials, dict], list]:
   return build
 
 
+def _metadtl(m: Materials, settings: dict) -> list:
+  """MetaDTL across tasks: a meta-learner over the source task's and the target's
+  label sets (one head over both, 'domain' = task id), then the target's head cut out
+  (metadtl.task_params) and fine-tuned on the target rows."""
+  if m.source_task is None:
+    raise ValueError("transfer.method = 'metadtl' needs data.source_task_path: a file "
+                     "of another task (its own label column and label set)")
+  source_rows, source_labels = m.source_task
+  target_labels = m.make_classifier().num_labels
+  num_labels = (source_labels, target_labels)
+  kwargs = dict(settings, num_labels=num_labels)  # derived from the two files
+  rows = _task_rows(source_rows, m.roles.target)
+  steps = m.steps_for(len(rows))
+  meta_model = m.make_classifier().clone(num_labels=source_labels + target_labels)
+  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  meta = metadtl_lib.metadtl(meta_model, m.make_tx(steps, META), pretrained=pretrained,
+                             **kwargs)
+
+  def carry(previous, fresh):
+    head = metadtl_lib.task_params(previous.params["model"], num_labels, task=1)
+    return fresh.replace(params=with_pretrained(fresh.params, head))
+  return [Stage("meta", meta, steps, m.batches(rows)),
+          _finetune_stage(m, "target", m.roles.target, eval_data=m.eval_data,
+                          carry=carry)]
+
+
+def _task_rows(source: Sequence[Any], target: Sequence[Any]) -> list:
+  """Both tasks' rows, 'domain' = task (0 source, 1 target; labels stay within their
+  task); the target's rows repeated to the source's count, so the meta-learner's
+  batches hold both tasks."""
+  repeat = max(1, round(len(source) / max(len(target), 1)))
+  as_task = lambda ex, task: dataclasses.replace(ex, domain=task)
+  return [as_task(ex, 0) for ex in source] + [as_task(ex, 1) for ex in target] * repeat
+
+
 def _methods() -> dict[str, Method]:
   feature = {"fs": ("fully_shared", "FullyShared: one encoder and head on source and "
                     "target rows"),
@@ -334,6 +373,9 @@ def _methods() -> dict[str, Method]:
              settings_file="ruder_plank", needs_source=True),
       Method("metaft", "meta", "meta-learner over every domain (typicality weights), "
              "then fine-tune on the target", _metaft, settings_file="metaft"),
+      Method("metadtl", "meta", "meta-learner across tasks with different label "
+             "sets (data.source_task_path), then fine-tune on the target", _metadtl,
+             settings_file="metadtl"),
       Method("kd", "distill", "Hinton distillation of transfer.teacher into the "
              "student", _distillation("kd"), settings_file="kd", needs_teacher=True),
       Method("pkd", "distill", "BERT-PKD: patient distillation from the teacher's "

@@ -29,6 +29,7 @@ class Roles:
     eval: the eval file's rows (target rows).
     domain_names: the training file's domains; Example.domain indexes them.
     target_ids: ids of the target domains, sorted.
+    source_task_labels: the label count of MetaDTL's cross-task source (0: none).
   """
   source: list
   target: list
@@ -36,6 +37,7 @@ class Roles:
   eval: list
   domain_names: tuple[str, ...]
   target_ids: tuple[int, ...]
+  source_task_labels: int = 0  # MetaDTL's cross-task source label count (0: none)
 
   @property
   def num_domains(self) -> int:
@@ -103,14 +105,16 @@ def as_json(roles: Roles, method: str, domain_column: Optional[str]) -> dict:
   return {"method": method, "domains": list(roles.domain_names),
           "target_domains": [roles.domain_names[i] for i in roles.target_ids]
                             if roles.domain_names else [],
-          "domain_column": domain_column}
+          "domain_column": domain_column,
+          "source_task_labels": roles.source_task_labels}
 
 
 def from_json(spec: dict, where: str) -> Roles:
   """The Roles of roles.json (`as_json`)."""
   domains = tuple(spec.get("domains") or ())
   ids = target_ids_of(domains, spec.get("target_domains") or None, where)
-  return saved(domains, ids)
+  return dataclasses.replace(saved(domains, ids),
+                             source_task_labels=int(spec.get("source_task_labels", 0)))
 
 
 def with_domains(examples: Sequence[Example], inputs, spec: dict, roles: Roles,

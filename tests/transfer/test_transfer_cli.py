@@ -59,6 +59,9 @@ def test_method_trains_evaluates_and_predicts_from_files(method, files, tmp_path
   extra = [f"--gin.data.dev_path='{files['dev']}'"]
   if methods.METHODS[method].needs_teacher:
     extra.append(f"--gin.transfer.teacher='{request.getfixturevalue('teacher')}'")
+  if method == "metadtl":  # the cross-task source: the rows' topics as labels
+    extra += [f"--gin.data.source_task_path='{files['train']}'",
+              "--gin.data.source_task_label='domain'"]
   if method == "ruder_plank":  # a search sized for 64 source rows
     extra.append("--gin.transfer.method_args={'num_selected': 20, 'num_trials': 2, "
                  "'train_steps': 2}")
@@ -103,6 +106,8 @@ def test_bad_roles_fail_naming_what(files, tmp_path, capsys):
          "ruder_plank: num_selected = 700 for 61 source rows")
   _fails(_args(files, workdir, "kd"), capsys,
          "transfer.method = 'kd' needs transfer.teacher")
+  _fails(_args(files, workdir, "metadtl"), capsys,
+         "transfer.method = 'metadtl' needs data.source_task_path")
   _fails(_args(files, workdir, "kd", "--gin.transfer.teacher='/nonexistent/run'"),
          capsys, "transfer.teacher '/nonexistent/run': no such directory")
   assert not os.path.exists(workdir)  # nothing was written

@@ -324,7 +324,7 @@ def table12(seeds, data: str = "synthetic", sizes=None, debian_dir=None,
 
   Returns:
     ({percent: {method key: [accuracy % per seed]}}, info) where info has the pair's
-    'names' and the evaluation set's 'majority' class share (%).
+    'names' and the first seed's evaluation set's 'majority' class share (%).
   """
   methods = select("meta_table12.methods", methods, tuple(METHODS_12))
   percents = select("meta_table12.percents", percents, PERCENTS_12)
@@ -332,20 +332,23 @@ def table12(seeds, data: str = "synthetic", sizes=None, debian_dir=None,
     select("meta_table12.encoder", [encoder], ENCODERS_12)
   results: dict = {}
   steps: dict = {}
+  info: dict = {}
   for seed in seeds:
     pair = cross_task.load(data, seed, sizes=sizes, debian_dir=debian_dir, split=split)
     if not steps:
-      # One set of steps (and compiled updates) for every seed and share.
+      # One set of steps (and compiled updates) for every seed and share; the caption
+      # gives the first seed's evaluation set.
       encoder = encoder or pair.encoder
       steps = table12_steps(pair, encoder, learning_rates, meta_steps, ft_steps,
-                             settings)
+                            settings)
+      labels = pair.evaluation["labels"]
+      info = {"names": pair.names,
+              "majority": 100 * np.bincount(labels).max() / len(labels)}
     for percent in percents:
       for method in methods:
         results.setdefault(percent, {}).setdefault(method, []).append(
             table12_cell(method, pair, percent, steps, seed, meta_steps, ft_steps))
-  labels = pair.evaluation["labels"]
-  return results, {"names": pair.names,
-                   "majority": 100 * np.bincount(labels).max() / len(labels)}
+  return results, info
 
 
 # --- markdown and the experiments -----------------------------------------------------

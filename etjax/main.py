@@ -664,9 +664,12 @@ def cmd_methods() -> None:
   for method in methods.METHODS.values():
     print(f"  {method.name:<12} {method.family:<9} {method.summary}")
     if method.settings_file:
-      (settings,) = defaults[method.settings_file].values()
-      shown = ", ".join(f"{k}={v!r}" for k, v in settings.items()
-                        if k not in ("method", "num_domains"))  # derived from the data
+      selectors = defaults[method.settings_file]
+      shown = "; ".join(
+          ", ".join(f"{name + '.' if len(selectors) > 1 else ''}{k}={v!r}"
+                    for k, v in settings.items()
+                    if k not in ("method", "num_domains", "num_labels"))  # derived
+          for name, settings in selectors.items())
       print(f"  {'':<12} {'':<9} gin/algorithms/{method.settings_file}.gin: {shown}")
 
 

@@ -56,22 +56,32 @@ def steps_rule(num_steps: Optional[int], num_epochs: Optional[int], batch_size: 
 
 def method_settings(method: methods_lib.Method, defaults: Mapping[str, Mapping],
                     overrides: Optional[Mapping[str, Any]]) -> dict:
-  """The method's keyword arguments: its gin/algorithms file's bindings (one
-  selector) updated by `transfer.method_args`.
+  """The method's keyword arguments: its gin/algorithms file's bindings updated by
+  `transfer.method_args` ({arg: value} for a file of one function; for a file of
+  several, {selector: {arg: value}} updated by 'selector.arg' keys).
 
   Raises:
     ValueError: method_args for a method without settings.
   """
-  settings: dict = {}
-  if method.settings_file:
-    (selector_settings,) = defaults[method.settings_file].values()
-    settings.update(selector_settings)
-  if overrides:
-    if not method.settings_file:
-      raise ValueError(f"transfer.method_args {dict(overrides)}: method "
-                       f"{method.name!r} takes no settings")
-    settings.update(overrides)
-  return settings
+  if overrides and not method.settings_file:
+    raise ValueError(f"transfer.method_args {dict(overrides)}: method "
+                     f"{method.name!r} takes no settings")
+  if not method.settings_file:
+    return {}
+  by_selector = {k: dict(v) for k, v in defaults[method.settings_file].items()}
+  if len(by_selector) == 1:
+    (settings,) = by_selector.values()
+    settings.update(overrides or {})
+    return settings
+  # A file of several functions (metakd: meta_teacher and metakd): 'selector.arg'.
+  for key, value in (overrides or {}).items():
+    selector, _, arg = key.partition(".")
+    if selector not in by_selector or not arg:
+      raise ValueError(f"transfer.method_args key {key!r}: method {method.name!r} "
+                       f"takes 'selector.argument' keys, selectors "
+                       f"{sorted(by_selector)}")
+    by_selector[selector][arg] = value
+  return by_selector
 
 
 class RecipeRun:

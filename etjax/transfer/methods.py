@@ -18,10 +18,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from etjax.algorithms import feature_based, instance_based, metaft
 from etjax.algorithms import metadtl as metadtl_lib
+from etjax.algorithms import metakd as metakd_lib
 from etjax.algorithms.distill import distill
 from etjax.algorithms.distilbert import distilbert
 from etjax.algorithms.finetune import finetune, init_params, with_pretrained
@@ -169,6 +171,8 @@ def _feature(method: str) -> Callable[[Materials, dict], list]:
         pretrained=pretrained, domain_blocked=private, **kwargs)
     # Private encoders: domain-blocked batches, so each row passes through its own
     # domain's private encoder only (not all K of them).
+    if private:
+      streams_lib.check_block_size(m.batch_size, m.roles.num_domains, "train.batch_size")
     batches = (m.batches(rows) if not private else
                lambda: streams_lib.domain_blocked_stream(
                    m.encode(rows), m.batch_size, num_domains=m.roles.num_domains,
@@ -343,6 +347,36 @@ def _task_rows(source: Sequence[Any], target: Sequence[Any]) -> list:
   return [as_task(ex, 0) for ex in source] + [as_task(ex, 1) for ex in target] * repeat
 
 
+def _metakd(m: Materials, settings: dict) -> list:
+  """MetaKD: stage 1 trains the meta-teacher (MetaFT's meta-learner) from
+  transfer.teacher on every domain; stage 2 distils it into the student, each row
+  weighted by the teacher's domain expertise (prototypes of its features)."""
+  teacher_model, teacher_params = m.teacher
+  rows = m.roles.source + m.roles.target
+  steps = m.steps_for(len(rows))
+  k = m.roles.num_domains
+  meta = metakd_lib.meta_teacher(
+      teacher_model, m.make_tx(steps, META), pretrained=teacher_params,
+      **dict(settings["meta_teacher"], num_domains=k))  # K: derived from the data
+  classes, width = teacher_model.num_labels, teacher_model.encoder.config.hidden_size
+  student = metakd_lib.metakd(
+      m.make_classifier(), m.teacher, m.make_tx(steps, STUDENT),
+      prototypes=(np.zeros((k, classes, width), np.float32),
+                  np.zeros((k, classes), np.float32)),
+      pretrained=_student_pretrained(m), **settings["metakd"])
+
+  def carry(previous, fresh):
+    """The student's stage starts with the meta-teacher and its prototypes."""
+    teacher = jax.device_get(nn.meta.unbox(previous.params["model"]))
+    protos, counts = metakd_lib.teacher_prototypes(
+        teacher_model, teacher, fit_lib.eval_batches(m.encode(rows))(), num_domains=k)
+    return fresh.replace(teacher_params=with_pretrained(fresh.teacher_params, teacher),
+                         prototypes_kcd=jnp.asarray(protos),
+                         counts_kc=jnp.asarray(counts))
+  return [Stage("meta_teacher", meta, steps, m.batches(rows)),
+          Stage("student", student, steps, m.batches(rows), m.eval_data, carry)]
+
+
 def _methods() -> dict[str, Method]:
   feature = {"fs": ("fully_shared", "FullyShared: one encoder and head on source and "
                     "target rows"),
@@ -387,6 +421,9 @@ def _methods() -> dict[str, Method]:
       Method("tinybert", "distill", "TinyBERT: intermediate-layer then prediction-layer "
              "distillation", _distillation("tinybert"), settings_file="tinybert",
              needs_teacher=True),
+      Method("metakd", "distill", "MetaKD: a meta-teacher from transfer.teacher over "
+             "every domain, then distillation weighted by its domain expertise",
+             _metakd, settings_file="metakd", needs_teacher=True),
   ]
   return {m.name: m for m in methods}
 

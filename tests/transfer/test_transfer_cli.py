@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import pytest
 
 import transfer_testlib
@@ -62,6 +63,8 @@ def test_method_trains_evaluates_and_predicts_from_files(method, files, tmp_path
   if method == "metadtl":  # the cross-task source: the rows' topics as labels
     extra += [f"--gin.data.source_task_path='{files['train']}'",
               "--gin.data.source_task_label='domain'"]
+  if method in ("sp", "sp_adv", "drss", "drss_adv"):  # 3 domain blocks, 8 devices
+    extra.append("--gin.train.batch_size=24")
   if method == "ruder_plank":  # a search sized for 64 source rows
     extra.append("--gin.transfer.method_args={'num_selected': 20, 'num_trials': 2, "
                  "'train_steps': 2}")
@@ -81,6 +84,38 @@ def test_method_trains_evaluates_and_predicts_from_files(method, files, tmp_path
   assert {line.split("\t")[-2] for line in lines[1:]} <= {"negative", "positive"}
 
 
+def _raw_state(directory: str) -> dict:
+  """The latest checkpoint's state of a stage directory, as saved (numpy)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from etjax.train.checkpoints import Checkpointer  # pylint: disable=g-import-not-at-top
+  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"))
+  step = checkpointer.all_steps()[-1]
+  checkpointer.close()
+  with ocp.PyTreeCheckpointer() as reader:
+    return reader.restore(os.path.join(directory, "checkpoints", str(step), "state"))
+
+
+@pytest.mark.slow
+def test_metakd_student_distils_the_trained_meta_teacher(files, teacher, tmp_path,
+                                                         capsys):
+  workdir = tmp_path / "metakd"
+  args = _args(files, str(workdir), "metakd", f"--gin.transfer.teacher='{teacher}'")
+  assert main.run(["train"] + args) == 0, capsys.readouterr().err
+  meta, student = (_raw_state(str(workdir / d)) for d in ("0_meta_teacher", "1_student"))
+  # Stage 2's frozen teacher is stage 1's final meta-teacher, not the initial one.
+  import jax  # pylint: disable=g-import-not-at-top
+  for a, b in zip(jax.tree.leaves(student["teacher_params"]),
+                  jax.tree.leaves(meta["params"]["model"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Its prototypes count every training row once, by (domain, class).
+  rows = [line.split("\t") for line in open(files["train"]).read().splitlines()[1:]]
+  domains, labels = ["books", "dvd", "kitchen"], ["negative", "positive"]
+  want = np.zeros((3, 2))
+  for _, label, domain in rows:
+    want[domains.index(domain), labels.index(label)] += 1
+  np.testing.assert_array_equal(student["counts_kc"], want)
+
+
 def _fails(args, capsys, *messages):
   assert main.run(["train"] + args) == 2
   err = capsys.readouterr().err
@@ -96,6 +131,8 @@ def test_bad_roles_fail_naming_what(files, tmp_path, capsys):
   _fails(_args(files, workdir, "mixed",
                "--gin.data.target_domains=['books', 'dvd', 'kitchen']"), capsys,
          "transfer.method = 'mixed' needs source rows")
+  _fails(_args(files, workdir, "sp"), capsys,
+         "train.batch_size = 8 does not split into 3 equal blocks, one per domain")
   _fails(_args(files, workdir, "ss"), capsys, "transfer.method = 'ss': unknown",
          "drss_adv")
   _fails(_args(files, workdir, "drss", "--gin.train.num_epochs=2"), capsys,

@@ -18,12 +18,12 @@ config.gin (when the caller gives one through `write_config`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -189,8 +189,7 @@ class Trainer:
                            donate_argnums=0)
     self._predict = None
     if self.train_step.predict is not None:
-      self._predict = jax.jit(functools.partial(_predict_with_targets,
-                                                self.train_step.predict),
+      self._predict = jax.jit(_with_targets(self.train_step.predict),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=replicated)
 
@@ -454,6 +453,22 @@ def write_config(workdir: str, text: str, name: str = "config.gin") -> str:
 
 # Batch columns returned beside the predictions, gathered like them across processes.
 _WEIGHT, _LABELS = "_batch_weight", "_batch_labels"
+
+
+# predict -> its `_predict_with_targets` wrapper, one per function: jax caches compiled
+# programs by the function jitted, so every Trainer of one TrainStep (a paper table's
+# runs, a search's trials) reuses one compilation. The wrapper refers to `predict`
+# weakly, so the entry goes with the function.
+_WITH_TARGETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _with_targets(predict: Callable) -> Callable:
+  wrapper = _WITH_TARGETS.get(predict)
+  if wrapper is None:
+    ref = weakref.ref(predict)
+    wrapper = lambda state, batch: _predict_with_targets(ref(), state, batch)
+    _WITH_TARGETS[predict] = wrapper
+  return wrapper
 
 
 def _predict_with_targets(predict, state, batch):

@@ -86,3 +86,26 @@ def test_fit_arrays_rejects_per_stream_sizes_for_flat_data():
   with pytest.raises(ValueError, match="named streams"):
     fit_lib.fit_arrays(toy_task.make_train_step(), toy_task.make_examples(16, seed=0),
                        num_steps=1, batch_size={"a": 8}, seed=0)
+
+
+def test_trainers_of_one_step_share_the_compiled_predict():
+  """A second Trainer of the same TrainStep compiles neither update nor predict again
+  (a paper table's runs and a selection search's trials rely on it)."""
+  step = toy_task.make_train_step(total_steps=4)
+  data = toy_task.make_examples(32, seed=0)
+  compiles, counts = [], []
+
+  def listener(name, _, **unused):
+    if "backend_compile" in name:
+      compiles.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for seed in range(2):
+      trainer, result = fit_lib.fit_arrays(step, data, num_steps=2, batch_size=8,
+                                           seed=seed, compilation_cache=None)
+      fit_lib.accuracy(trainer, result.state, data)
+      counts.append(len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert counts[0] > 0  # the first run compiled (so the listener sees compiles)
+  assert counts[1] == counts[0], f"the second run compiled {counts[1] - counts[0]}"

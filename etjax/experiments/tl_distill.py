@@ -64,11 +64,12 @@ Settings = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 def method_settings(settings: Settings, stem: str, selector: str,
                     overrides: Optional[Mapping[str, Mapping]] = None) -> dict:
-  """gin/algorithms/<stem>.gin's `selector` bindings, with overrides[stem] over them."""
+  """gin/algorithms/<stem>.gin's `selector` bindings, with overrides[selector] (a run
+  file's {selector: {arg: value}}) over them."""
   if selector not in settings.get(stem, {}):
     raise ValueError(f"settings have no {selector}.* bindings of gin/algorithms/"
                      f"{stem}.gin (pass etjax.main.algorithm_settings())")
-  return {**settings[stem][selector], **(overrides or {}).get(stem, {})}
+  return {**settings[stem][selector], **(overrides or {}).get(selector, {})}
 
 
 def classifier(hidden: int, layers: int, classes: int = 2, vocab: int = VOCAB,

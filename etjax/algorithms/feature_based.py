@@ -20,6 +20,11 @@ turns it into the correlation matrix to report.
     state, metrics = step.update(state, batch)   # metrics['omega/0_1'], ...
 
 Single sentences and sentence pairs differ only in the batch's token_type_ids.
+
+`domain_blocked=True` trains on domain-blocked batches (K equal contiguous blocks, block
+k of domain k: etjax.data.streams.domain_blocked_stream), so each row passes through the
+shared encoder and its own domain's private encoder only; prediction on rows of any
+domains runs every private encoder and picks each row's own (the same mathematics).
 """
 
 from __future__ import annotations
@@ -75,32 +80,52 @@ def _check_domains(batch: Batch, num_domains: int) -> None:
                      f"[0, {num_domains}) (remap the data's domain ids first)")
 
 
+def _check_blocks(batch: Batch, num_domains: int) -> None:
+  """Rejects a concrete batch that is not domain-blocked (block k all of domain k).
+  Under jit the layout is trusted: domain_blocked_stream builds it."""
+  domain = _domain_ids(batch)
+  if isinstance(domain, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+    return
+  domain = np.asarray(domain)
+  if domain.shape[0] % num_domains or not np.array_equal(
+      domain, np.repeat(np.arange(num_domains), domain.shape[0] // num_domains)):
+    raise ValueError(f"domain_blocked=True needs batches of {num_domains} equal "
+                     f"contiguous blocks, block k of domain k (see etjax.data.streams."
+                     f"domain_blocked_stream); got batch['domain'] = {domain.tolist()}")
+
+
 def feature_tl_loss(model: SharedPrivateClassifier, *, difference_weight: float = 0.0,
                     adversarial_weight: float = 0.0, drss_weight: float = 0.0,
                     label_smoothing: float = 0.0):
   """The combined loss of the module docstring.
 
   Returns:
-    loss_fn(params, batch, rng, deterministic, omega=None, grl_scale=1.0) ->
-    (loss [], aux) with aux: logits [B, C], features [B, F], and scalars accuracy,
+    loss_fn(params, batch, rng, deterministic, omega=None, grl_scale=1.0,
+    domain_blocks=0) -> (loss [], aux), domain_blocks as SharedPrivateClassifier's
+    (K for a domain-blocked batch), with aux: logits [B, C], features [B, F], and scalars accuracy,
     task_loss, difference_loss, domain_loss, domain_accuracy, drss_regularizer (each
     only where its weight is non-zero).
   """
   k = model.num_domains
 
-  def loss_fn(params, batch, rng, deterministic, omega=None, grl_scale=1.0):
+  def loss_fn(params, batch, rng, deterministic, omega=None, grl_scale=1.0,
+              domain_blocks=0):
     domain_b = _domain_ids(batch)
+    if domain_blocks:
+      _check_blocks(batch, k)
     out = model.apply({"params": params}, *model_inputs(batch), domain_b,
                       deterministic=deterministic, grl_scale=grl_scale,
-                      rngs={"dropout": rng})
+                      domain_blocks=domain_blocks, rngs={"dropout": rng})
     weights_b = batch.get("weight")
     task = weighted_cross_entropy(out.logits, batch["labels"], weights_b, label_smoothing)
     aux = {"logits": out.logits, "features": out.features, "task_loss": task,
            "accuracy": weighted_accuracy(out.logits, batch["labels"], weights_b)}
     loss = task
     if difference_weight:
+      # Per domain d, S and P over d's rows only; each row's P is its own domain's
+      # private features (own_private), whichever way the encoders ran.
       valid_b = jnp.ones_like(domain_b) if weights_b is None else weights_b > 0
-      diff = sum(difference_loss(out.shared, out.private[d],
+      diff = sum(difference_loss(out.shared, out.own_private,
                                  mask_b=valid_b * (domain_b == d)) for d in range(k))
       aux["difference_loss"] = diff
       loss = loss + difference_weight * diff
@@ -123,7 +148,8 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
                     drss_weight: float = 0.0, omega_every: int = 1,
                     omega_eps: float = 1e-3, grl_scale: float = 1.0,
                     grl_warmup_steps: int = 0, label_smoothing: float = 0.0,
-                    pretrained: Optional[Mapping[str, Any]] = None) -> TrainStep:
+                    pretrained: Optional[Mapping[str, Any]] = None,
+                    domain_blocked: bool = False) -> TrainStep:
   """A TrainStep minimizing `feature_tl_loss`, with DRSS's alternating Omega update.
 
   Args:
@@ -140,6 +166,9 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
     label_smoothing: of the task loss.
     pretrained: plain arrays for a sub-tree of the params (see `with_pretrained`),
       e.g. `encoders_pretrained(encoder_params, num_domains)`.
+    domain_blocked: training batches are domain-blocked (K equal contiguous blocks,
+      block k of domain k; etjax.data.streams.domain_blocked_stream), so each private
+      encoder runs on its own domain's block only. predict takes rows of any domains.
 
   Returns:
     TrainStep over FeatureTLState. Metrics: loss, grad_norm, the aux scalars, and for
@@ -153,7 +182,11 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
                             adversarial_weight=adversarial_weight,
                             drss_weight=drss_weight, label_smoothing=label_smoothing)
 
+  blocks = k if domain_blocked and model.private else 0
+
   def init(rng, batch):
+    # The parameters do not depend on the path, and the Trainer may init from any
+    # example batch (e.g. one row), so init runs the rows-of-any-domains path.
     _check_domains(batch, k)
     params_rng, state_rng = jax.random.split(rng)
     params = model.init({"params": params_rng, "dropout": params_rng},
@@ -167,7 +200,7 @@ def feature_tl_step(model: SharedPrivateClassifier, tx: optax.GradientTransforma
   def grad(state, batch, rng):
     lam = _grl_scale(state.step, grl_scale, grl_warmup_steps)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng, False, state.omega, lam)
+        state.params, batch, rng, False, state.omega, lam, blocks)
     metrics = {"loss": loss, **{n: v for n, v in aux.items() if jnp.ndim(v) == 0}}
     if adversarial_weight:
       metrics["grl_scale"] = lam
@@ -274,7 +307,8 @@ def fully_shared(make_encoder: EncoderFactory, tx: optax.GradientTransformation,
     num_domains: K (rows' 'domain' ids are in [0, K)).
     num_labels: C.
     dropout_rate: on the head's input.
-    **step_kwargs: more `feature_tl_step` arguments (label_smoothing, pretrained).
+    **step_kwargs: more `feature_tl_step` arguments (label_smoothing, pretrained,
+      domain_blocked).
   """
   return feature_tl_step(
       _model(make_encoder, num_domains=num_domains, num_labels=num_labels, private=False,

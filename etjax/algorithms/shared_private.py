@@ -12,6 +12,13 @@ One module covers the whole family (Liu et al. 2017; Yu et al. 2018's DRSS):
 FullyShared has no private encoders and one head; SharedPrivate adds the private
 encoders; DRSS gives each domain its own output layer, whose weights on the shared
 features are the W of the matrix-normal prior (see `shared_head_weights`).
+
+Two ways to run the private encoders, the same mathematics:
+- rows of any domains (`domain_blocks=0`): every private encoder runs on every row
+  and each row's own domain is picked (K times one private encoder's cost);
+- domain-blocked batches (`domain_blocks=K`, etjax.data.streams.domain_blocked_stream):
+  the batch is K equal contiguous blocks, block k holding rows of domain k, and private
+  encoder k runs on block k only (one private pass per row). Training uses this.
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ from etjax.models import layers
 @flax.struct.dataclass
 class SharedPrivateOutput:
   """logits [B, C]; features [B, Ds + Dp] (the head's input); shared [B, Ds];
-  private [K, B, Dp] (every domain's private encoder on every row) or None;
+  own_private [B, Dp] (each row's own domain's private features) or None;
+  private [K, B, Dp] (every domain's private encoder on every row; None for
+  domain-blocked batches, which run each encoder on its own block only);
   domain_logits [B, K] or None."""
   logits: jax.Array
   features: jax.Array
   shared: jax.Array
   private: Optional[jax.Array]
   domain_logits: Optional[jax.Array]
+  own_private: Optional[jax.Array] = None
 
 
 def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Any],
@@ -83,13 +93,25 @@ class SharedPrivateClassifier(nn.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                token_type_ids: Optional[jax.Array] = None,
                domain: Optional[jax.Array] = None, *, deterministic: bool = True,
-               grl_scale: Any = 1.0) -> SharedPrivateOutput:
+               grl_scale: Any = 1.0, domain_blocks: int = 0) -> SharedPrivateOutput:
     """Runs the model on a batch whose rows come from domains `domain` (int [B]).
+
+    Args:
+      domain_blocks: 0 for rows of any domains; K (static) for a domain-blocked batch:
+        K equal contiguous blocks of B / K rows, block k of domain k (`domain` must
+        say the same; the heads and discriminator read it).
 
     Returns:
       SharedPrivateOutput (see its docstring for shapes).
     """
     k = self.num_domains
+    if domain_blocks and domain_blocks != k:
+      raise ValueError(f"SharedPrivateClassifier: domain_blocks={domain_blocks}; a "
+                       f"domain-blocked batch has one block per domain ({k})")
+    if domain_blocks and input_ids.shape[0] % k:
+      raise ValueError(f"SharedPrivateClassifier: a domain-blocked batch of "
+                       f"{input_ids.shape[0]} rows does not split into {k} equal "
+                       f"blocks (one per domain); make the batch size a multiple of {k}")
     if self.private and len(self.private) != k:
       raise ValueError(f"SharedPrivateClassifier: {len(self.private)} private encoders "
                        f"for num_domains={k}; give one per domain or none")
@@ -100,14 +122,23 @@ class SharedPrivateClassifier(nn.Module):
     shared_bd = self.shared(*inputs, deterministic=deterministic).pooled_output
     onehot_bk = (None if domain is None
                  else jax.nn.one_hot(jnp.asarray(domain, jnp.int32), k, dtype=jnp.float32))
-    private_kbe = None
+    private_kbe = own_be = None
     parts = [shared_bd]
-    if self.private:
+    if self.private and domain_blocks:
+      # Private encoder k on block k only: static slices, one private pass per row.
+      size = input_ids.shape[0] // k
+      own_be = jnp.concatenate([
+          enc(*(None if x is None else x[i * size:(i + 1) * size] for x in inputs),
+              deterministic=deterministic).pooled_output
+          for i, enc in enumerate(self.private)])
+      parts.append(own_be)
+    elif self.private:
       # Every private encoder runs on every row and the row's own domain is picked:
       # static shapes, at K times one private encoder's cost.
       private_kbe = jnp.stack([enc(*inputs, deterministic=deterministic).pooled_output
                                for enc in self.private])
-      parts.append(jnp.einsum("kbe,bk->be", private_kbe, onehot_bk))
+      own_be = jnp.einsum("kbe,bk->be", private_kbe, onehot_bk)
+      parts.append(own_be)
     features_bf = jnp.concatenate(parts, -1)
     x_bf = layers.Dropout(self.dropout_rate)(features_bf, deterministic=deterministic)
     logits_bc = 0.0
@@ -123,7 +154,7 @@ class SharedPrivateClassifier(nn.Module):
           gradient_reversal(shared_bd, grl_scale))
     return SharedPrivateOutput(logits=logits_bc.astype(jnp.float32), features=features_bf,
                                shared=shared_bd, private=private_kbe,
-                               domain_logits=domain_logits_bk)
+                               domain_logits=domain_logits_bk, own_private=own_be)
 
   def _domain_heads(self, x_bf: jax.Array, shared_width: int,
                     onehot_bk: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ import pytest
 
 import transfer_testlib
 from etjax import main
+from etjax.data import streams as streams_lib
 from etjax.train import fit as fit_lib
 from etjax.train.checkpoints import Checkpointer
 from etjax.transfer import methods
@@ -72,6 +73,8 @@ def _args(files, workdir, method):
       f"--gin.train.workdir='{workdir}'"]
   if method:
     args.append(f"--gin.transfer.method='{method}'")
+  if method == "drss":  # domain-blocked batches: 3 domains' blocks over 8 devices
+    args.append("--gin.train.batch_size=24")
   if method and methods.METHODS[method].needs_teacher:
     args.append(f"--gin.transfer.teacher='{files['teacher']}'")
   return args
@@ -94,17 +97,20 @@ def test_stopped_run_resumes_to_the_uninterrupted_state(method, files, tmp_path,
   assert main.run(["train"] + _args(files, straight, method)) == 0
   stages = 2 if FAMILIES[method] else 1
   calls = []
-  original = fit_lib.train_batches
+  # drss trains on domain-blocked batches (streams.domain_blocked_stream).
+  module, name = ((streams_lib, "domain_blocked_stream") if method == "drss"
+                  else (fit_lib, "train_batches"))
+  original = getattr(module, name)
 
   def stopping(*args, **kwargs):
     calls.append(1)
     batches = original(*args, **kwargs)
     # The last stage's 4th batch: its steps 1-3 ran, its step-2 checkpoint is saved.
     return _StopAfter(batches, 4) if len(calls) == stages else batches
-  monkeypatch.setattr(fit_lib, "train_batches", stopping)
+  monkeypatch.setattr(module, name, stopping)
   with pytest.raises(_Stop):
     main.run(["train"] + _args(files, stopped, method))
-  monkeypatch.setattr(fit_lib, "train_batches", original)
+  monkeypatch.setattr(module, name, original)
   assert main.run(["train"] + _args(files, stopped, method)) == 0
   assert "resumed from step 2" in capsys.readouterr().out
   want = _final_state(os.path.join(straight, FAMILIES[method]))

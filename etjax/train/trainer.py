@@ -466,8 +466,10 @@ def _with_targets(predict: Callable) -> Callable:
   wrapper = _WITH_TARGETS.get(predict)
   if wrapper is None:
     ref = weakref.ref(predict)
-    wrapper = lambda state, batch: _predict_with_targets(ref(), state, batch)
-    _WITH_TARGETS[predict] = wrapper
+
+    def predict_with_targets(state, batch):  # its name names the compiled program
+      return _predict_with_targets(ref(), state, batch)
+    wrapper = _WITH_TARGETS[predict] = predict_with_targets
   return wrapper
 
 

@@ -47,7 +47,8 @@ from etjax.algorithms.distill import distill, hinton
 from etjax.algorithms.finetune import finetune
 from etjax.algorithms.step import unbox
 from etjax.data import synthetic
-from etjax.experiments.rows import select
+from etjax.experiments.rows import (Settings, check_overrides, method_settings,
+                                    select)
 from etjax.train import fit as fit_lib
 import etjax.models as models
 
@@ -59,17 +60,6 @@ BATCH_SIZE = 32
 DOMAINS = synthetic.DOMAINS
 ROWS = {"bert_s": "BERT-s (teacher)", "bert_mix": "BERT-mix (teacher)",
         "tinybert_s": "TinyBERT from BERT-s", "tinybert_mix": "TinyBERT from BERT-mix"}
-Settings = Mapping[str, Mapping[str, Mapping[str, Any]]]
-
-
-def method_settings(settings: Settings, stem: str, selector: str,
-                    overrides: Optional[Mapping[str, Mapping]] = None) -> dict:
-  """gin/algorithms/<stem>.gin's `selector` bindings, with overrides[selector] (a run
-  file's {selector: {arg: value}}) over them."""
-  if selector not in settings.get(stem, {}):
-    raise ValueError(f"settings have no {selector}.* bindings of gin/algorithms/"
-                     f"{stem}.gin (pass etjax.main.algorithm_settings())")
-  return {**settings[stem][selector], **(overrides or {}).get(selector, {})}
 
 
 def classifier(hidden: int, layers: int, classes: int = 2, vocab: int = VOCAB,
@@ -136,13 +126,6 @@ def train(step, data, steps: int, seed: int, teacher_params=None):
 def accuracy(run, data) -> float:
   """Accuracy (%) of a (Trainer, state) on encoded data."""
   return 100.0 * fit_lib.accuracy(run[0], run[1], data)
-
-
-def check_overrides(what: str, overrides: Optional[Mapping], known: Sequence[str]):
-  """Raises ValueError for an override of a selector the experiment does not use."""
-  unknown = sorted(set(overrides or {}) - set(known))
-  if unknown:
-    raise ValueError(f"{what}.overrides: unknown {unknown}; known: {list(known)}")
 
 
 def tinybert_step(settings: Settings, overrides, student_steps: int,

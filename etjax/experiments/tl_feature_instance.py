@@ -38,7 +38,8 @@ from etjax.algorithms import feature_based as fb
 from etjax.algorithms import finetune, instance_based as ib, make_optimizer
 from etjax.algorithms.recipe import carry_params
 from etjax.data import build_wordpiece_tokenizer, encode_examples, synthetic
-from etjax.experiments.rows import select
+from etjax.experiments.rows import (Settings, check_overrides, method_settings,
+                                    select)
 from etjax.models import SequenceClassifier
 from etjax.models.bag import BagOfEmbeddings
 from etjax.train import fit as fit_lib
@@ -49,7 +50,6 @@ from etjax.train.trainer import Trainer
 MAX_LENGTH = 64
 HIDDEN = 64
 BATCH = 32
-Settings = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 
 def _encode_splits(splits, max_length, vocab_size=1000):
@@ -69,23 +69,6 @@ def _encode_splits(splits, max_length, vocab_size=1000):
 
 def _cat(datas):
   return {k: np.concatenate([d[k] for d in datas]) for k in datas[0]}
-
-
-def method_settings(settings: Settings, name: str, selector: str,
-                    overrides: Optional[Mapping[str, Mapping]] = None) -> dict:
-  """gin/algorithms/<name>.gin's bindings of `selector`, with the run file's
-  `overrides[name]` over them."""
-  if selector not in settings.get(name, {}):
-    raise ValueError(f"settings have no {selector}.* bindings of gin/algorithms/"
-                     f"{name}.gin (pass etjax.main.algorithm_settings())")
-  return {**settings[name][selector], **(overrides or {}).get(name, {})}
-
-
-def _check_overrides(what: str, overrides, known) -> None:
-  unknown = sorted(set(overrides or {}) - set(known))
-  if unknown:
-    raise ValueError(f"{what}: unknown {unknown} (a method's gin/algorithms file "
-                     f"stem); known: {sorted(known)}")
 
 
 class Fitted(NamedTuple):
@@ -159,7 +142,8 @@ def _single_rows8(enc, vocab, steps, seed, rows) -> dict:
 
 
 def _feature_step(row, vocab, steps, settings, overrides):
-  kwargs = method_settings(settings, FEATURE_FILES[row], "feature_tl", overrides)
+  kwargs = method_settings(settings, FEATURE_FILES[row], "feature_tl", overrides,
+                           override_key=FEATURE_FILES[row])
   if kwargs["method"] != "fully_shared":
     # Private encoders narrower than the shared one: with 200 target pairs,
     # full-width private encoders overfit.
@@ -229,7 +213,8 @@ def _table9_data(seed: int):
 def _selector_row(row, classifier, tx, parts, steps, seed, flipped, settings,
                   overrides) -> Fitted:
   """RTL or MGTL trained on {'source', 'target', 'dev'} batches."""
-  kwargs = method_settings(settings, INSTANCE_FILES[row], "instance_tl", overrides)
+  kwargs = method_settings(settings, INSTANCE_FILES[row], "instance_tl", overrides,
+                           override_key=INSTANCE_FILES[row])
   step = ib.build_instance_step(classifier=classifier, tx=tx, **kwargs)
   model = _fit(step, parts, steps, seed,
                batch_size={"source": BATCH, "target": BATCH, "dev": 100})
@@ -261,7 +246,7 @@ def table9(seed: int, steps: int, rows: Sequence[str], settings: Settings,
   if "Ruder & Plank" in rows:
     search = rp.search(source, tgt, dev, step=plain, vocab_size=vocab, seed=seed,
                        **method_settings(settings, "ruder_plank", "ruder_plank",
-                                         overrides))
+                                         overrides, override_key="ruder_plank"))
     data["Ruder & Plank"] = _cat([{k: v[search.selected] for k, v in source.items()},
                                   tgt])
   out = {}
@@ -292,7 +277,7 @@ def run_table8(*, settings: Settings, seeds=(0, 1, 2), steps: int = 1500,
   gin/algorithms/*.gin). `rows` selects of TABLE8_ROWS; `overrides` maps a method's
   file stem to arguments replacing its settings, e.g. {'drss': {'drss_weight': 0.01}}."""
   rows = select("feature_table8.rows", rows, TABLE8_ROWS)
-  _check_overrides("feature_table8.overrides", overrides, FEATURE_FILES.values())
+  check_overrides("feature_table8", overrides, FEATURE_FILES.values())
   results = [table8(s, steps, rows, settings, overrides) for s in seeds]
   return _markdown("Table 8: feature-based TL, synthetic paraphrase pairs (source books; "
                    "targets dvd, electronics, kitchen, averaged)",
@@ -307,7 +292,7 @@ def run_table9(*, settings: Settings, seeds=(0, 1, 2), steps: int = 800,
   run_table8, for 'rtl', 'mgtl' and 'ruder_plank' (e.g. {'ruder_plank':
   {'num_trials': 4}})."""
   rows = select("instance_table9.rows", rows, TABLE9_ROWS)
-  _check_overrides("instance_table9.overrides", overrides,
+  check_overrides("instance_table9", overrides,
                    (*INSTANCE_FILES.values(), "ruder_plank"))
   results = [table9(s, steps, rows, settings, overrides) for s in seeds]
   return _markdown("Table 9: instance-based TL, synthetic sentiment (source pool "

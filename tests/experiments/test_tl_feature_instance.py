@@ -7,18 +7,24 @@ from __future__ import annotations
 import pytest
 
 from etjax import main
-from etjax.experiments import tl_feature_instance as tfi
+from etjax.experiments import rows
 
 
 def test_method_settings_are_the_algorithm_file_with_overrides():
   settings = main.algorithm_settings()
-  got = tfi.method_settings(settings, "drss", "feature_tl",
-                            {"drss": {"drss_weight": 0.5}, "rtl": {"x": 1}})
+  # Tables 8 and 9 key their overrides by file stem, the distillation tables by
+  # selector (the default).
+  got = rows.method_settings(settings, "drss", "feature_tl",
+                             {"drss": {"drss_weight": 0.5}, "rtl": {"x": 1}},
+                             override_key="drss")
   assert got == {**settings["drss"]["feature_tl"], "drss_weight": 0.5}
   assert settings["drss"]["feature_tl"]["drss_weight"] == 1e-3  # not modified
+  got = rows.method_settings(settings, "metakd", "metakd",
+                             {"metakd": {"temperature": 3.0}, "meta_teacher": {"x": 1}})
+  assert got == {**settings["metakd"]["metakd"], "temperature": 3.0}
   with pytest.raises(ValueError, match=r"no instance_tl.\* bindings of "
                                        r"gin/algorithms/rtl.gin"):
-    tfi.method_settings({}, "rtl", "instance_tl")
+    rows.method_settings({}, "rtl", "instance_tl")
 
 
 # (run file, bindings, header, rows shown, a row not shown, a line on stderr)

@@ -18,6 +18,7 @@ from etjax.algorithms.step import unbox
 from etjax.sharding import mesh as mesh_lib
 from etjax.sharding import partitioning, rules as rules_lib
 from tests.algorithms import distill_fixtures as fx
+from tests.algorithms import paired_claims
 
 
 def _np_log_softmax(x):
@@ -201,22 +202,29 @@ def test_sharded_step_equals_unsharded():
                                err_msg=k)
 
 
+@pytest.mark.slow
 def test_kd_student_beats_student_without_kd():
   """A width-32, 1-layer student with 40 labelled reviews: plain fine-tuning vs KD
-  from a teacher trained on 1,200 (its inputs serving as the unlabelled transfer set).
-  Measured at seeds 0/1/2: about 0.55-0.61 without KD, 0.78-0.81 with KD; the
-  teacher about 0.80."""
+  from a teacher trained on 1,200 (its inputs serving as the unlabelled transfer set),
+  paired over seeds 0-4 (init and batch order; same teacher and data): the mean gain
+  of KD exceeds 2 standard errors (issue 10's form, fixed before measuring; the old
+  single-seed margin was 0.1). Measured: gains 0.19 / -0.04 / 0.18 / 0.13 / 0.19
+  (mean 0.13, SE 0.044; at seed 1 the KD student stayed at 0.53)."""
   tokenizer, encoded = fx.synthetic_data()
   teacher, teacher_params, teacher_acc = fx.trained_teacher()
+  assert teacher_acc > 0.72, teacher_acc
   student = fx.classifier(32, 1, tokenizer.vocab_size)
   steps = 120
   tx = optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=steps)
   plain = finetune(student, tx)
-  state, _ = fx.fit(plain, encoded["labelled"], steps, batch_size=20)
-  plain_acc = fx.accuracy(plain, state, encoded["test"])
   kd = distill_lib.distill(student, (teacher, teacher_params), tx, losses={"kd": 1.0},
                            temperature=2.0)
-  state, _ = fx.fit(kd, encoded["teacher"], steps, batch_size=20)
-  kd_acc = fx.accuracy(kd, state, encoded["test"])
-  assert teacher_acc > 0.72, teacher_acc
-  assert kd_acc > plain_acc + 0.1, (kd_acc, plain_acc)
+
+  def arms(seed):
+    accuracies = []
+    for step, data in ((plain, encoded["labelled"]), (kd, encoded["teacher"])):
+      state, _ = fx.fit(step, data, steps, batch_size=20, seed=seed)
+      accuracies.append(fx.accuracy(step, state, encoded["test"]))
+    return tuple(accuracies)
+  gains = paired_claims.paired_gains(paired_claims.SEEDS, arms)
+  paired_claims.assert_paired_gain(gains)

@@ -3,11 +3,14 @@
 import jax
 import numpy as np
 import optax
+import pytest
 
 from etjax.algorithms import optim
 from etjax.algorithms import tinybert as tb
+from etjax.algorithms.finetune import finetune
 from etjax.algorithms.step import unbox
 from tests.algorithms import distill_fixtures as fx
+from tests.algorithms import paired_claims
 
 
 def test_layer_map_is_m_n_over_m():
@@ -77,10 +80,13 @@ def test_stages_switch_and_stage_one_matches_hand_computation():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_stages_on_synthetic_data():
   """A width-32, 2-layer student distilled from the trained teacher through both
-  stages on the teacher's (unlabelled) training inputs. Measured at seed 0: 0.79, as
-  the teacher; plain fine-tuning on the 40 labelled reviews gives about 0.55."""
+  stages on the teacher's (unlabelled) training inputs, against the same student
+  fine-tuned on the 40 labelled reviews, paired over seeds 0-4: the mean gain exceeds
+  2 standard errors (fixed before measuring). Measured gains 0.215 / 0.173 / 0.188 /
+  0.148 / 0.185 (seed 0 earlier: 0.79, as the teacher; plain about 0.55)."""
   tokenizer, encoded = fx.synthetic_data()
   teacher, teacher_params, teacher_acc = fx.trained_teacher()
   student = fx.classifier(32, 2, tokenizer.vocab_size)
@@ -90,7 +96,18 @@ def test_two_stages_on_synthetic_data():
       optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=stage1),
       optim.make_optimizer("adamw", learning_rate=3e-3, total_steps=stage2),
       intermediate_steps=stage1, temperature=2.0)
-  state, metrics = fx.fit(step, encoded["teacher"], stage1 + stage2, batch_size=20)
-  assert float(metrics["stage"]) == 2.0
-  acc = fx.accuracy(step, state, encoded["test"])
-  assert acc > 0.7, (acc, teacher_acc)
+  plain = finetune(student, optim.make_optimizer("adamw", learning_rate=3e-3,
+                                                 total_steps=stage1 + stage2))
+
+  def arms(seed):
+    state, metrics = fx.fit(step, encoded["teacher"], stage1 + stage2, batch_size=20,
+                            seed=seed)
+    assert float(metrics["stage"]) == 2.0
+    acc = fx.accuracy(step, state, encoded["test"])
+    if seed == 0:
+      assert acc > 0.7, (acc, teacher_acc)
+    baseline, _ = fx.fit(plain, encoded["labelled"], stage1 + stage2, batch_size=20,
+                         seed=seed)
+    return fx.accuracy(plain, baseline, encoded["test"]), acc
+  gains = paired_claims.paired_gains(paired_claims.SEEDS, arms)
+  paired_claims.assert_paired_gain(gains)

@@ -71,28 +71,39 @@ def test_z_above_chance_is_the_permutation_distribution():
                              rtol=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rtl", "mgtl"])
 def test_selector_learns_to_select_clean_examples(method):
   """Half the source labels are flipped; after training through the Trainer, the
-  policy prefers clean examples: both its selection probabilities and its top half
-  hold more clean examples than a selection blind to the flips, by more than 5
-  standard deviations of that null (threshold fixed before measuring; measured
-  z = 22-24 on seed 0)."""
+  policy prefers clean examples. Over seeds 0-4 (init and batch order), its expected
+  precision and its top half's precision exceed the original bar of 0.7 by more than
+  2 standard errors (the project's k); at seed 0 both also beat a selection blind to
+  the flips by more than 5 standard deviations of that null. Measured: expected
+  precision RTL 0.88/0.91/0.94/0.90/0.86, MGTL 0.69/0.73/0.94/0.91/0.85; top half
+  0.76-0.89."""
   source, clean, target, dev = _noisy_source_task()
   build = ib.rtl if method == "rtl" else ib.mgtl
   step = build(_classifier(), optax.sgd(1.0), optax.adam(1e-2), selector_hidden=16,
                entropy_weight=0.05)
-  trainer, result = fit_lib.fit_arrays(
-      step, {"source": source, "target": target, "dev": dev}, num_steps=600,
-      batch_size={"source": 32, "target": 32, "dev": 100}, seed=0)
-  assert result.step == 600
-  assert all(np.isfinite(float(v)) for v in result.train_metrics.values())
-  p = trainer.predict(result.state, fit_lib.eval_batches(source))["select_prob"]
-  top_half = np.zeros(len(p))
-  top_half[np.argsort(-p)[:len(p) // 2]] = 1.0
-  report = (np.sum(p * clean) / np.sum(p), clean[top_half > 0].mean())
-  assert _z_above_chance(p, clean) > 5, report
-  assert _z_above_chance(top_half, clean) > 5, report
+  precisions = []
+  for seed in range(5):
+    trainer, result = fit_lib.fit_arrays(
+        step, {"source": source, "target": target, "dev": dev}, num_steps=600,
+        batch_size={"source": 32, "target": 32, "dev": 100}, seed=seed)
+    assert result.step == 600
+    assert all(np.isfinite(float(v)) for v in result.train_metrics.values())
+    p = trainer.predict(result.state, fit_lib.eval_batches(source))["select_prob"]
+    top_half = np.zeros(len(p))
+    top_half[np.argsort(-p)[:len(p) // 2]] = 1.0
+    report = (np.sum(p * clean) / np.sum(p), clean[top_half > 0].mean())
+    precisions.append(report)
+    if seed == 0:
+      assert _z_above_chance(p, clean) > 5, report
+      assert _z_above_chance(top_half, clean) > 5, report
+  expected_precision, top_half_precision = np.asarray(precisions).T
+  for name, values in (("expected", expected_precision), ("top half", top_half_precision)):
+    gain = values - 0.7
+    assert gain.mean() > 2 * gain.std(ddof=1) / np.sqrt(len(gain)), (name, precisions)
 
 
 def _dev_value(classifier, params, dev):
@@ -204,9 +215,10 @@ def test_term_counts_match_a_python_count():
 def test_ruder_plank_selects_target_like_source_data():
   """The source pool mixes examples in the target's vocabulary and labeling with
   examples spread over a wider vocabulary and labeled the opposite way. Over 5
-  search seeds, the optimized weights select more target-like examples than a
-  random selection (half, in expectation) by more than 3 standard errors (threshold
-  fixed before these seeds were run; seeds 0-4 gave fractions 0.59-0.98)."""
+  search seeds, the optimized weights' target-like fraction exceeds the original bar
+  of 0.7 by more than 2 standard errors, and a random selection (half) by more than
+  3 (seeds 0-4 gave fractions 0.59-0.98; the test's seeds 5-9 gave 0.98/0.67/0.98/
+  0.76/1.0)."""
   scores = np.random.default_rng(7).normal(size=VOCAB)
   half = VOCAB // 2
   related, _ = _linear_task(scores, 150, 1, lo=5, hi=half)
@@ -223,8 +235,11 @@ def test_ruder_plank_selects_target_like_source_data():
     assert len(search.study.trials) == 6
     assert search.value == max(t.value for t in search.study.trials)
     fractions.append(np.mean(search.selected < 150))
-  gain = np.asarray(fractions) - 0.5
-  assert gain.mean() > 3 * gain.std(ddof=1) / np.sqrt(len(gain)), fractions
+  # The original bar, 0.7 of the selection target-like, over 5 seeds (k = 2, the
+  # project's), beside the weaker claim against a random selection (half).
+  for bar, k in ((0.7, 2), (0.5, 3)):
+    gain = np.asarray(fractions) - bar
+    assert gain.mean() > k * gain.std(ddof=1) / np.sqrt(len(gain)), (bar, fractions)
 
 
 def test_dev_metric_matches_numpy_with_weights():

@@ -290,6 +290,9 @@ def test_metaft_beats_single_domain_finetuning_with_few_target_examples():
   """Claim (fixed before measuring): over seeds 0-4 the mean paired gain of MetaFT
   over single-domain fine-tuning (`few_shot_accuracies`) in test accuracy exceeds 2
   standard errors of the paired gains. It replaces a margin of 0.06 set after
-  measuring, and a 3-seed version of this claim."""
+  measuring, and a 3-seed version of this claim; every seed still wins, as before
+  (measured gains 4.75 / 9.75 / 8 / 3.75 / 13 pt)."""
   results = few_shot_accuracies()
-  assert_paired_gain(np.subtract(results["metaft"], results["single"]), context=results)
+  metas, singles = np.asarray(results["metaft"]), np.asarray(results["single"])
+  assert (metas > singles).all(), results
+  assert_paired_gain(metas - singles, context=results)

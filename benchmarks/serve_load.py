@@ -54,7 +54,7 @@ def fine_tune(workdir: str, steps: int) -> None:
   leaves it: checkpoints, tokenizer, labels.json, model.json."""
   from etjax import algorithms  # pylint: disable=g-import-not-at-top
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   from etjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
   splits = tasks.debian_splits(DEBIAN, "use")
   pretrained_dir = tasks.resolve_pretrained(PRETRAINED)
@@ -80,7 +80,7 @@ def transformers_model_dir(version_dir: str, out_dir: str) -> str:
   import transformers  # pylint: disable=g-import-not-at-top
   from etjax import models  # pylint: disable=g-import-not-at-top
   from etjax.serving import loader  # pylint: disable=g-import-not-at-top
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   with open(os.path.join(version_dir, "manifest.json")) as f:
     manifest = json.load(f)
   module, _ = tasks.load_model_spec(manifest["source"]["workdir"])

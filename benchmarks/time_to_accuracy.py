@@ -75,7 +75,7 @@ def hf_main(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
-  from etjax.train.tasks import resolve_pretrained  # pylint: disable=g-import-not-at-top
+  from etjax.jobs.tasks import resolve_pretrained  # pylint: disable=g-import-not-at-top
   transformers.logging.set_verbosity_error()
   model_dir = resolve_pretrained(MODEL)
   train_texts, train_labels = read_tsv(args.train)

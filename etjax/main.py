@@ -79,7 +79,7 @@ def data(source: str = "synthetic", *, train_path: Optional[str] = None,
   source_task = None
   if source_task_path:
     from etjax.data import readers  # pylint: disable=g-import-not-at-top
-    from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+    from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
     schema = readers.Schema(text_a=text_a, text_b=text_b, header=header,
                             label=source_task_label or label)
     source_task = tasks.source_task_rows(source_task_path, schema, format=format,
@@ -93,7 +93,7 @@ def _read_data(source: str, *, train_path, eval_path, format, text_a, text_b, la
                eval_size, label_noise, seed, debian_dir, debian_task, task_or_mixture,
                seqio_modules, train_split, eval_split, num_train_examples, dev_path):
   from etjax.data import readers  # pylint: disable=g-import-not-at-top
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   if dev_path and source != "files":
     raise ValueError(f"data.dev_path is for data.source = 'files', not {source!r}")
   if source == "synthetic":
@@ -356,7 +356,7 @@ def _workdir(run: dict, suffix: str = "") -> str:
 def _classifier(num_labels: int, model_cfg: dict, tokenizer, pretrained_dir,
                 load_weights: bool = True):
   """(module, pretrained params or None) of the `classifier` settings."""
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   overrides = dict(model_cfg["overrides"] or {})
   if not pretrained_dir:
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
@@ -412,7 +412,7 @@ def _encoder(tokenizer, run: dict):
 def _job(workdir_suffix: str = "", **classifier_changes):
   """Assembles (trainer, splits, tokenizer, encode, run, module) from the gin bindings.
   The tokenizer is the workdir's saved one when there is one (see tasks.make_tokenizer)."""
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   run, model_cfg = train(), classifier()
   model_cfg.update(classifier_changes)
   # train.compute_dtype is the default; classifier.overrides may still set a dtype.
@@ -440,7 +440,7 @@ def _job(workdir_suffix: str = "", **classifier_changes):
 
 def _teacher(label_names: Sequence[str]):
   """transfer.teacher's TrainedClassifier; its labels must be the job's."""
-  from etjax.train import trained  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import trained  # pylint: disable=g-import-not-at-top
   path = transfer()["teacher"]
   if not os.path.isdir(path):
     raise ValueError(f"transfer.teacher {path!r}: no such directory")
@@ -516,7 +516,8 @@ def cmd_train(workdir_suffix: str = "", **classifier_changes) -> dict:
   import contextlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from etjax.train import assets, predict_io, tasks, workdir  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.train import assets, predict_io, workdir  # pylint: disable=g-import-not-at-top
   trainer, splits, tokenizer, encode, run, module = _job(workdir_suffix,
                                                          **classifier_changes)
   classes = sorted({ex.label for ex in splits.train})
@@ -584,7 +585,8 @@ def cmd_predict(input_path: str, output_path: str, workdir_suffix: str = "") -> 
   tokenizer, labels, schema, checkpoint) and the model's architecture, not the
   training data or the pretrained weights."""
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from etjax.train import assets, predict_io, tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.train import assets, predict_io  # pylint: disable=g-import-not-at-top
   run, model_cfg = train(), classifier()
   workdir = _workdir(run, workdir_suffix)
   predict_io.check_output(output_path)  # before any work, so no result is lost

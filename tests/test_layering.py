@@ -3,9 +3,11 @@
 Layers, bottom up: pallas (imports nothing of etjax); models (pallas); sharding and
 data (nothing of etjax: sharding works on logical names and never sees a model class);
 algorithms (models, pallas, sharding, data; never train); train (algorithms and
-below); apps, serving, experiments, transfer (above train, beside each other); main.py (all).
-Nothing imports main.py, and only main.py imports gin or defines command-line flags.
-Every import statement counts, also those inside functions.
+below); transfer (train and below); jobs (job assembly from plain settings: transfer,
+train and below); apps, serving, experiments (jobs and below, beside each other);
+main.py (all). Nothing imports main.py, and only main.py imports gin or defines
+command-line flags. Every import statement counts, also those inside functions; there
+are no exceptions.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "etjax"
 
 _BELOW_TRAIN = {"pallas", "models", "sharding", "data", "algorithms"}
-_TOP = {"apps", "serving", "experiments", "transfer"}
+_TOP = {"apps", "serving", "experiments"}
 # package -> the etjax packages its modules may import (besides itself).
 ALLOWED = {
     "pallas": set(),
@@ -27,21 +29,12 @@ ALLOWED = {
     "data": set(),
     "algorithms": {"models", "pallas", "sharding", "data"},
     "train": _BELOW_TRAIN,
-    **{top: _BELOW_TRAIN | {"train"} | _TOP for top in _TOP},
-    "main": _BELOW_TRAIN | {"train"} | _TOP,
+    "transfer": _BELOW_TRAIN | {"train"},
+    "jobs": _BELOW_TRAIN | {"train", "transfer"},
+    **{top: _BELOW_TRAIN | {"train", "transfer", "jobs"} | _TOP for top in _TOP},
+    "main": _BELOW_TRAIN | {"train", "transfer", "jobs"} | _TOP,
 }
 _FLAG_MODULES = ("gin", "absl.flags", "argparse")
-
-# Known breaks waiting for a move, with the reason; each entry must still be a break
-# (test_exceptions_are_current), so a fixed one is taken off the list.
-PENDING = {
-    # Job assembly (splits, tokenizer, pretrained backbone, TrainStep from settings)
-    # belongs above train (apps/); it moves once issue 16's edits to it and main.py land.
-    "train/tasks.py": "job assembly inside train",
-    # The paper-table drivers keep their argparse entry points until they run through
-    # the one Trainer (issue 10, last part); `etjax run --gin_file=gin/runs/...` is the
-    # command that replaces them.
-}
 
 
 def _modules():
@@ -104,25 +97,20 @@ def test_every_package_has_a_layer():
 
 
 def test_import_rules():
-  breaks = []
-  for path in _modules():
-    rel = str(path.relative_to(ROOT))
-    if rel in PENDING:
-      continue
-    breaks += _breaks(path)
+  breaks = [b for path in _modules() for b in _breaks(path)]
   assert not breaks, "layering breaks (DESIGN.md):\n" + "\n".join(breaks)
 
 
-@pytest.mark.parametrize("rel", sorted(PENDING))
-def test_exceptions_are_current(rel):
-  path = ROOT / rel
-  assert path.exists(), f"{rel} is gone: take it off PENDING in tests/test_layering.py"
-  if PENDING[rel] == "argparse entry point":
-    assert _breaks(path), f"{rel} no longer breaks a rule: take it off PENDING"
+def test_layers_are_an_order():
+  """No two packages may import each other, except the top ones beside each other."""
+  both = sorted((a, b) for a in ALLOWED for b in ALLOWED[a]
+                if a < b and a in ALLOWED.get(b, ()) and not {a, b} <= _TOP)
+  assert not both, f"packages allowed to import each other: {both}"
 
 
 def test_checker_sees_breaks(tmp_path, monkeypatch):
-  """The checker itself: a models module importing train, and one importing gin."""
+  """The checker itself: a models module importing train and gin, a train module
+  importing jobs, a jobs module importing apps."""
   fake = tmp_path / "etjax"
   (fake / "models").mkdir(parents=True)
   bad = fake / "models" / "bad.py"
@@ -133,3 +121,15 @@ def test_checker_sees_breaks(tmp_path, monkeypatch):
   assert len(found) == 2, found
   assert "etjax/models/bad.py:4: models imports etjax.train (allowed: pallas)" in found[0]
   assert "imports gin" in found[1]
+  # Job assembly sits above train and below the apps: neither side may reach across.
+  (fake / "train").mkdir()
+  (fake / "jobs").mkdir()
+  (fake / "train" / "bad.py").write_text("from etjax.jobs import tasks\n")
+  (fake / "jobs" / "bad.py").write_text("from etjax.transfer import job\n"
+                                        "from etjax.apps import runner\n")
+  assert _breaks(fake / "train" / "bad.py") == [
+      "etjax/train/bad.py:1: train imports etjax.jobs (allowed: algorithms, data, "
+      "models, pallas, sharding)"]
+  assert _breaks(fake / "jobs" / "bad.py") == [
+      "etjax/jobs/bad.py:2: jobs imports etjax.apps (allowed: algorithms, "
+      "data, models, pallas, sharding, train, transfer)"]

@@ -191,7 +191,7 @@ def bert_backbone(ctx: Context) -> tuple[nn.Module, Optional[dict]]:
     encoder, params = models.create_model(
         spec, vocab_size=ctx.tokenizer.vocab_size, **overrides), None
   else:
-    from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+    from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
     encoder, params = models.from_pretrained(tasks.resolve_pretrained(spec), **overrides)
   config = encoder.config
   ctx.model_spec = {"config_type": type(config).__name__,

@@ -88,7 +88,7 @@ class Job:
     spec = cfg.pretrained_model
     from etjax import models  # pylint: disable=g-import-not-at-top
     if app.uses_bert and spec and spec not in models.list_models():
-      from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+      from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
       tokenizer = tokenizers.load_tokenizer(tasks.resolve_pretrained(spec))
     else:
       tokenizer = tokenizers.build_wordpiece_tokenizer(app.texts(rows, cfg),

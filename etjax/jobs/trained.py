@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from etjax.jobs import tasks
 from etjax.train import checkpoints as ckpt_lib
-from etjax.train import tasks
 
 
 def restore_params(checkpoint_dir: str, module: nn.Module, example_length: int = 8

@@ -38,8 +38,8 @@ from jax import export as jax_export
 
 import etjax
 from etjax import models
+from etjax.jobs.trained import load_classifier
 from etjax.serving.loader import FORMAT, FORMAT_VERSION, MANIFEST, sha256_of
-from etjax.train.trained import load_classifier
 
 WEIGHTS = "weights.npz"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")

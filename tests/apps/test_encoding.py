@@ -5,7 +5,7 @@ import transformers
 
 from etjax.apps import encoding
 from etjax.data import tokenizers
-from etjax.train import tasks
+from etjax.jobs import tasks
 
 
 def test_first_subtokens_match_transformers_word_ids():

@@ -45,7 +45,7 @@ def test_matching_app_trains_and_predicts(tmp_path, app):
 def test_feat_ext_bert_equals_transformers_on_minilm(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   texts = ["curl transfers data with url syntax", "a text editor for the console"]
   inputs = lib.write(tmp_path / "in.tsv", [(t,) for t in texts])
   out = str(tmp_path / "vectors.npy")

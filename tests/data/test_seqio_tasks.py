@@ -9,7 +9,7 @@ seqio = pytest.importorskip("seqio", reason="the optional extra etjax[seqio] is 
                             "installed (make test installs it)")
 
 from etjax.data import debian, pipeline, readers, seqio_tasks, tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from etjax.train import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEBIAN_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
                           "debian-descriptions")

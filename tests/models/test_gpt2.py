@@ -165,7 +165,7 @@ def test_gpt2_fine_tunes_through_the_classifier_path():
   """The zoo name goes through train.tasks.build_classifier and finetune unchanged."""
   import optax  # pylint: disable=g-import-not-at-top
   from etjax import algorithms  # pylint: disable=g-import-not-at-top
-  from etjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   module, pretrained = tasks.build_classifier(
       3, model="gpt2", overrides=dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
                                       n_positions=16, bos_token_id=1, eos_token_id=1))

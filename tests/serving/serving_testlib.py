@@ -29,7 +29,7 @@ class Trained:
 def train_workdir(workdir: str) -> Trained:
   from etjax import algorithms
   from etjax.data import pipeline
-  from etjax.train import tasks
+  from etjax.jobs import tasks
   from etjax.train.trainer import Trainer
   splits = tasks.synthetic_splits(train_size=16, eval_size=4, seed=0)
   tokenizer = tasks.make_tokenizer(None, tasks.texts_of(splits.train) + list(TEXTS), 300)

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from etjax import main as etjax_main  # pylint: disable=wrong-import-position
 from etjax.apps import debian_tables, metrics, registry, runner, table  # pylint: disable=wrong-import-position
+from etjax.cli import configurables  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_NOTE = {
@@ -76,7 +77,7 @@ def run_app(name: str, data_dir: str, work: str, epochs_bert: float,
             epochs_words: float, length_bert: int = 0, lr_bert: float = 0.0) -> dict:
   etjax_main.bind_gin([os.path.join("gin", "runs", "apps", f"{name}.gin")], [],
                       [ROOT])
-  flags = dict(etjax_main.appzoo())
+  flags = dict(configurables.appzoo())
   train_path, dev_path = (os.path.join(data_dir, os.path.basename(p))
                           for p in flags["inputTable"].split(","))
   app = registry.get_app(name)

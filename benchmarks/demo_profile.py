@@ -25,6 +25,7 @@ import time
 import jax
 
 from etjax import main as etjax_main
+from etjax.cli import job_commands
 from etjax.data import pipeline
 from etjax.train import checkpoints, trainer as trainer_lib
 
@@ -56,7 +57,7 @@ def _on_duration(event, duration, **kwargs):
 
 def _instrument():
   jax.monitoring.register_event_duration_secs_listener(_on_duration)
-  etjax_main._job = _timed("job assembly (data, tokenizer, weights)", etjax_main._job)
+  job_commands._job = _timed("job assembly (data, tokenizer, weights)", job_commands._job)
   pipeline.encode_examples = _timed("encode_examples", pipeline.encode_examples)
   T = trainer_lib.Trainer
   T.init_state = _timed("init_state (jit init)", T.init_state)
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
   etjax_main.bind_gin([args.gin_file], [f"train.workdir = '{workdir}'",
                                        "train.progress = False", *args.binding])
   w, c = time.perf_counter(), time.process_time()
-  _timed("demo total", etjax_main.cmd_demo)()
+  _timed("demo total", job_commands.cmd_demo)()
   total_wall, total_cpu = time.perf_counter() - w, time.process_time() - c
   print(f"\nworkdir {workdir}; {os.cpu_count()} CPUs; load average "
         f"{os.getloadavg()[0]:.1f}")

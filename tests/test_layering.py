@@ -5,17 +5,16 @@ data (nothing of etjax: sharding works on logical names and never sees a model c
 algorithms (models, pallas, sharding, data; never train); train (algorithms and
 below); transfer (train and below); jobs (job assembly from plain settings: transfer,
 train and below); apps, serving, experiments (jobs and below, beside each other);
-main.py (all). Nothing imports main.py, and only main.py imports gin or defines
-command-line flags. Every import statement counts, also those inside functions; there
-are no exceptions.
+cli (the command line below its entry point: all of the above); main.py (all).
+Nothing imports main.py, only main.py imports cli, and only main.py and cli import gin
+or define command-line flags. Every import statement counts, also those inside
+functions; there are no exceptions.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
-
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "etjax"
 
@@ -32,8 +31,11 @@ ALLOWED = {
     "transfer": _BELOW_TRAIN | {"train"},
     "jobs": _BELOW_TRAIN | {"train", "transfer"},
     **{top: _BELOW_TRAIN | {"train", "transfer", "jobs"} | _TOP for top in _TOP},
-    "main": _BELOW_TRAIN | {"train", "transfer", "jobs"} | _TOP,
+    "cli": _BELOW_TRAIN | {"train", "transfer", "jobs"} | _TOP,
+    "main": _BELOW_TRAIN | {"train", "transfer", "jobs", "cli"} | _TOP,
 }
+# The packages that may import gin or define command-line flags.
+_COMMAND_LINE = {"main", "cli"}
 _FLAG_MODULES = ("gin", "absl.flags", "argparse")
 
 
@@ -60,10 +62,11 @@ def _imports(path: pathlib.Path):
         raise AssertionError(f"{path}:{node.lineno}: relative import; etjax imports "
                              "absolutely")
       yield node.lineno, node.module or ""
-      # `from etjax import models` imports the package etjax.models.
-      if node.module == "etjax":
+      # `from etjax import models` imports the package etjax.models, and
+      # `from absl import flags` the module absl.flags.
+      if node.module in ("etjax", "absl"):
         for alias in node.names:
-          yield node.lineno, f"etjax.{alias.name}"
+          yield node.lineno, f"{node.module}.{alias.name}"
 
 
 def _breaks(path: pathlib.Path) -> list[str]:
@@ -74,9 +77,9 @@ def _breaks(path: pathlib.Path) -> list[str]:
   for line, name in _imports(path):
     parts = name.split(".")
     if name in _FLAG_MODULES or name.startswith("absl.flags") or parts[0] == "gin":
-      if package != "main":
-        found.append(f"{rel}:{line}: imports {name}; only etjax/main.py reads flags or "
-                     "binds gin")
+      if package not in _COMMAND_LINE:
+        found.append(f"{rel}:{line}: imports {name}; only etjax/main.py and etjax/cli/ "
+                     "read flags or bind gin")
       continue
     if parts[0] != "etjax" or len(parts) < 2:
       continue
@@ -110,7 +113,8 @@ def test_layers_are_an_order():
 
 def test_checker_sees_breaks(tmp_path, monkeypatch):
   """The checker itself: a models module importing train and gin, a train module
-  importing jobs, a jobs module importing apps."""
+  importing jobs, a jobs module importing apps, gin and flags outside the command
+  line."""
   fake = tmp_path / "etjax"
   (fake / "models").mkdir(parents=True)
   bad = fake / "models" / "bad.py"
@@ -133,3 +137,17 @@ def test_checker_sees_breaks(tmp_path, monkeypatch):
   assert _breaks(fake / "jobs" / "bad.py") == [
       "etjax/jobs/bad.py:2: jobs imports etjax.apps (allowed: algorithms, "
       "data, models, pallas, sharding, train, transfer)"]
+  # gin and flags: the command line's (cli, main.py) alone; only main.py imports cli.
+  (fake / "cli").mkdir()
+  (fake / "apps").mkdir()
+  flags_and_gin = "import gin\nfrom absl import flags\n"
+  (fake / "cli" / "ok.py").write_text(flags_and_gin + "from etjax.jobs import runs\n")
+  (fake / "main.py").write_text(flags_and_gin + "from etjax.cli import commands\n")
+  (fake / "apps" / "bad.py").write_text(flags_and_gin + "from etjax.cli import gin_config\n")
+  assert _breaks(fake / "cli" / "ok.py") == [] and _breaks(fake / "main.py") == []
+  found = _breaks(fake / "apps" / "bad.py")
+  assert [f.split(": ", 1)[0] for f in found] == ["etjax/apps/bad.py:1",
+                                                  "etjax/apps/bad.py:2",
+                                                  "etjax/apps/bad.py:3"], found
+  assert "only etjax/main.py and etjax/cli/ read flags" in found[1]
+  assert "apps imports etjax.cli" in found[2]

@@ -1,6 +1,6 @@
 """Classification jobs from plain settings: data splits, tokenizer, model, TrainStep.
 
-The pieces the command line (etjax/main.py) and notebooks assemble a fine-tuning run
+The pieces the command line (etjax/cli) and notebooks assemble a fine-tuning run
 from; everything takes plain arguments (no gin here).
 """
 
@@ -122,6 +122,52 @@ def seqio_splits(task_or_mixture: str, *, modules: Sequence[str] = (),
 def _eval_task_of(name: str) -> str:
   """A `.domains` mixture is evaluated on its whole task (every domain, in order)."""
   return name[:-len(".domains")] if name.endswith(".domains") else name
+
+
+def read_splits(source: str, *, train_path, eval_path, format, text_a, text_b, label,  # pylint: disable=redefined-builtin
+                domain, header, on_error, synthetic_task, domains, train_size,
+                eval_size, label_noise, seed, debian_dir, debian_task, task_or_mixture,
+                seqio_modules, train_split, eval_split, num_train_examples, dev_path,
+                target_domains, source_task_path, source_task_label) -> Splits:
+  """The Splits of the `data` settings (etjax/cli/configurables.py documents each);
+  errors name the setting as `data.NAME`."""
+  if dev_path and source != "files":
+    raise ValueError(f"data.dev_path is for data.source = 'files', not {source!r}")
+  if source == "synthetic":
+    splits = synthetic_splits(task=synthetic_task, domains=domains,
+                              train_size=train_size, eval_size=eval_size, seed=seed,
+                              label_noise=label_noise)
+  elif source == "files":
+    if not train_path or not eval_path:
+      raise ValueError("data.source = 'files' needs data.train_path and data.eval_path")
+    schema = readers.Schema(text_a=text_a, label=label, text_b=text_b, domain=domain,
+                            header=header)
+    splits = file_splits(train_path, eval_path, schema, format=format,
+                         on_error=on_error, dev_path=dev_path)
+  elif source == "debian":
+    if not debian_dir:
+      raise ValueError("data.source = 'debian' needs data.debian_dir")
+    splits = debian_splits(debian_dir, debian_task)
+  elif source == "seqio":
+    if not task_or_mixture:
+      raise ValueError("data.source = 'seqio' needs data.task_or_mixture")
+    splits = seqio_splits(task_or_mixture, modules=seqio_modules, debian_dir=debian_dir,
+                          train_split=train_split, eval_split=eval_split,
+                          num_train_examples=num_train_examples, seed=seed)
+  else:
+    raise ValueError(f"data.source = {source!r}: expected 'synthetic', 'files', "
+                     "'debian' or 'seqio'")
+  if isinstance(target_domains, str):
+    raise ValueError(f"data.target_domains = {target_domains!r}: give a list, e.g. "
+                     f"['{target_domains}']")
+  source_task = None
+  if source_task_path:
+    schema = readers.Schema(text_a=text_a, text_b=text_b, header=header,
+                            label=source_task_label or label)
+    source_task = source_task_rows(source_task_path, schema, format=format,
+                                   on_error=on_error)
+  return dataclasses.replace(splits, target_domains=tuple(target_domains or ()),
+                             source_task=source_task)
 
 
 def resolve_pretrained(spec: str) -> str:

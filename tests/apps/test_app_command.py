@@ -7,6 +7,7 @@ import pytest
 
 from etjax import main
 from etjax.apps import config, registry
+from etjax.cli import configurables
 from tests.apps import apps_testlib as lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,7 +24,7 @@ def test_app_run_files_parse_and_say_their_command(path):
     header = f.read().split("\n\n")[0]
   assert header.startswith("#") and "etjax app --gin_file=gin/runs/apps/" in header
   main.bind_gin([os.path.relpath(path, ROOT)], [])
-  bound = main.appzoo()
+  bound = configurables.appzoo()
   assert set(bound) <= set(config.FLAG_NAMES)
   assert bound["modelName"] == os.path.basename(path)[:-4]
   app = registry.get_app(bound["modelName"])

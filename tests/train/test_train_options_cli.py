@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from etjax import main
+from etjax.cli import configurables, job_commands
+from etjax.jobs import runs
 
 TINY = ["data.source = 'synthetic'", "data.train_size = 5", "data.eval_size = 2",
         "classifier.model = 'bert-tiny'", "classifier.pretrained = None",
@@ -18,21 +20,21 @@ TINY = ["data.source = 'synthetic'", "data.train_size = 5", "data.eval_size = 2"
 
 def test_num_epochs_sets_the_steps_and_excludes_num_steps(tmp_path):
   main.bind_gin([], TINY + [f"train.workdir = '{tmp_path}'", "train.num_epochs = 3"])
-  trainer, splits, _, encode, run = main._job()[:5]  # pylint: disable=protected-access
+  trainer, splits, _, encode, run = job_commands._job()[:5]  # pylint: disable=protected-access
   assert len(splits.train) == 20  # 5 per domain, 4 domains
   assert run["num_steps"] == trainer.num_steps == 3 * 3  # ceil(20 / 8) = 3 per epoch
   assert trainer.train_step is not None
   main.bind_gin([], TINY + [f"train.workdir = '{tmp_path}'", "train.num_epochs = 2",
                             "train.num_steps = 5"])
   with pytest.raises(ValueError, match="set one of the two, not both"):
-    main.train()
+    configurables.train()
   main.bind_gin([], TINY + [f"train.workdir = '{tmp_path}'", "train.num_epochs = 0"])
   with pytest.raises(ValueError, match="num_epochs = 0"):
-    main.train()
+    configurables.train()
   main.bind_gin([], TINY + [f"train.workdir = '{tmp_path}'"])
-  assert main.train()["num_steps"] == 100  # neither: the old default
+  assert configurables.train()["num_steps"] == 100  # neither: the old default
   # The bucket lengths the job's batches are cut to.
-  assert main._buckets(main.train()) == (16, 24, 40, 48)  # pylint: disable=protected-access
+  assert runs.buckets(configurables.train()) == (16, 24, 40, 48)
   data = encode(splits.train)
   assert data["input_ids"].shape[1] == 48
 
@@ -40,8 +42,8 @@ def test_num_epochs_sets_the_steps_and_excludes_num_steps(tmp_path):
 def test_compute_dtype_reaches_the_model_and_classifier_overrides_win(tmp_path,
                                                                      monkeypatch):
   modules = []
-  build = main._trainer  # pylint: disable=protected-access
-  monkeypatch.setattr(main, "_trainer",
+  build = runs.fine_tune_trainer
+  monkeypatch.setattr(runs, "fine_tune_trainer",
                       lambda module, *a: modules.append(module) or build(module, *a))
   base = TINY[:-1] + ["train.compilation_cache = None", f"train.workdir = '{tmp_path}'"]
   for extra, expected in (([], "bfloat16"),
@@ -50,6 +52,6 @@ def test_compute_dtype_reaches_the_model_and_classifier_overrides_win(tmp_path,
                             " 'num_heads': 2, 'intermediate_size': 64, 'dtype': "
                             "'float32'}"], "float32")):
     main.bind_gin([], base + extra)
-    main._job()  # pylint: disable=protected-access
+    job_commands._job()  # pylint: disable=protected-access
     config = modules[-1].encoder.config
     assert (config.dtype, config.param_dtype) == (expected, "float32"), extra

@@ -104,6 +104,26 @@ class SharedPrivateClassifier(nn.Module):
     Returns:
       SharedPrivateOutput (see its docstring for shapes).
     """
+    self._check_call(input_ids, domain, domain_blocks)
+    inputs = (input_ids, attention_mask, token_type_ids)
+    shared_bd = self.shared(*inputs, deterministic=deterministic).pooled_output
+    onehot_bk = (None if domain is None else jax.nn.one_hot(
+        jnp.asarray(domain, jnp.int32), self.num_domains, dtype=jnp.float32))
+    private_kbe, own_be = self._private(inputs, onehot_bk, deterministic, domain_blocks)
+    features_bf = (shared_bd if own_be is None
+                   else jnp.concatenate([shared_bd, own_be], -1))
+    logits_bc = self._logits(features_bf, shared_bd.shape[-1], onehot_bk, deterministic)
+    domain_logits_bk = None
+    if self.discriminator_hidden is not None:
+      domain_logits_bk = DomainDiscriminator(self.num_domains, self.discriminator_hidden,
+                                             name="discriminator")(
+          gradient_reversal(shared_bd, grl_scale))
+    return SharedPrivateOutput(logits=logits_bc.astype(jnp.float32), features=features_bf,
+                               shared=shared_bd, private=private_kbe,
+                               domain_logits=domain_logits_bk, own_private=own_be)
+
+  def _check_call(self, input_ids, domain, domain_blocks: int) -> None:
+    """Raises ValueError for a batch or configuration the call cannot run."""
     k = self.num_domains
     if domain_blocks and domain_blocks != k:
       raise ValueError(f"SharedPrivateClassifier: domain_blocks={domain_blocks}; a "
@@ -118,43 +138,37 @@ class SharedPrivateClassifier(nn.Module):
     if (self.private or self.domain_heads) and domain is None:
       raise ValueError("SharedPrivateClassifier: private encoders and per-domain heads "
                        "need the batch's 'domain' ids")
-    inputs = (input_ids, attention_mask, token_type_ids)
-    shared_bd = self.shared(*inputs, deterministic=deterministic).pooled_output
-    onehot_bk = (None if domain is None
-                 else jax.nn.one_hot(jnp.asarray(domain, jnp.int32), k, dtype=jnp.float32))
-    private_kbe = own_be = None
-    parts = [shared_bd]
-    if self.private and domain_blocks:
+
+  def _private(self, inputs, onehot_bk, deterministic: bool, domain_blocks: int):
+    """(private [K, B, Dp] or None, own_private [B, Dp] or None): see
+    SharedPrivateOutput; None, None without private encoders."""
+    if not self.private:
+      return None, None
+    if domain_blocks:
       # Private encoder k on block k only: static slices, one private pass per row.
-      size = input_ids.shape[0] // k
+      size = inputs[0].shape[0] // self.num_domains
       own_be = jnp.concatenate([
           enc(*(None if x is None else x[i * size:(i + 1) * size] for x in inputs),
               deterministic=deterministic).pooled_output
           for i, enc in enumerate(self.private)])
-      parts.append(own_be)
-    elif self.private:
-      # Every private encoder runs on every row and the row's own domain is picked:
-      # static shapes, at K times one private encoder's cost.
-      private_kbe = jnp.stack([enc(*inputs, deterministic=deterministic).pooled_output
-                               for enc in self.private])
-      own_be = jnp.einsum("kbe,bk->be", private_kbe, onehot_bk)
-      parts.append(own_be)
-    features_bf = jnp.concatenate(parts, -1)
+      return None, own_be
+    # Every private encoder runs on every row and the row's own domain is picked:
+    # static shapes, at K times one private encoder's cost.
+    private_kbe = jnp.stack([enc(*inputs, deterministic=deterministic).pooled_output
+                             for enc in self.private])
+    return private_kbe, jnp.einsum("kbe,bk->be", private_kbe, onehot_bk)
+
+  def _logits(self, features_bf, shared_width: int, onehot_bk,
+              deterministic: bool) -> jax.Array:
+    """[B, C] logits: the shared head, the row's own domain's head, or both."""
     x_bf = layers.Dropout(self.dropout_rate)(features_bf, deterministic=deterministic)
     logits_bc = 0.0
     if not self.domain_heads or self.common_head:
       logits_bc = layers.Dense((self.num_labels,), ("embed",), ("classes",),
                                init_stddev=self.initializer_range, name="head")(x_bf)
     if self.domain_heads:
-      logits_bc += self._domain_heads(x_bf, shared_bd.shape[-1], onehot_bk)
-    domain_logits_bk = None
-    if self.discriminator_hidden is not None:
-      domain_logits_bk = DomainDiscriminator(k, self.discriminator_hidden,
-                                             name="discriminator")(
-          gradient_reversal(shared_bd, grl_scale))
-    return SharedPrivateOutput(logits=logits_bc.astype(jnp.float32), features=features_bf,
-                               shared=shared_bd, private=private_kbe,
-                               domain_logits=domain_logits_bk, own_private=own_be)
+      logits_bc += self._domain_heads(x_bf, shared_width, onehot_bk)
+    return logits_bc
 
   def _domain_heads(self, x_bf: jax.Array, shared_width: int,
                     onehot_bk: jax.Array) -> jax.Array:

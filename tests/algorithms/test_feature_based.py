@@ -70,8 +70,9 @@ def test_loss_terms_match_numpy():
   batch = _batch(np.random.default_rng(1), n=12)
   batch["weight"][3] = 0.0  # a padding row: left out of every term
   step_kwargs = dict(difference_weight=0.3, drss_weight=0.7, adversarial_weight=0.2)
-  model = fb._model(_encoder(), num_domains=K, num_labels=2, private=True,
-                    domain_heads=True, discriminator_hidden=6, dropout_rate=0.0)
+  model = fb.feature_model(_encoder(), fb.FeatureModel(
+      num_domains=K, num_labels=2, private=True,
+      domain_heads=True, discriminator_hidden=6, dropout_rate=0.0))
   loss_fn = fb.feature_tl_loss(model, **step_kwargs)
   params = model.init(jax.random.PRNGKey(0), batch["input_ids"], batch["attention_mask"],
                       batch["token_type_ids"], batch["domain"])["params"]
@@ -108,9 +109,10 @@ def test_domain_and_common_heads_match_numpy():
   """logits = [s; p_d] . head + b  +  s . Ws[d] + p_d . Wp[d] + b[d] for a row of
   domain d, recomputed in numpy from the parameters and encoder outputs."""
   batch = _batch(np.random.default_rng(7), n=9)
-  model = fb._model(_encoder(), num_domains=K, num_labels=2, private=True,
-                    domain_heads=True, discriminator_hidden=None, dropout_rate=0.0,
-                    make_private_encoder=_encoder(4), common_head=True)
+  model = fb.feature_model(_encoder(), fb.FeatureModel(
+      num_domains=K, num_labels=2, private=True,
+      domain_heads=True, discriminator_hidden=None, dropout_rate=0.0,
+      make_private_encoder=_encoder(4), common_head=True))
   args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
           batch["domain"])
   params = unbox(model.init(jax.random.PRNGKey(0), *args)["params"])
@@ -132,8 +134,9 @@ def test_adversary_reverses_the_encoder_gradient():
   """Through gradient reversal the shared encoder gets -lambda times the domain
   loss's plain gradient, the discriminator the plain gradient itself."""
   batch = _batch(np.random.default_rng(3))
-  model = fb._model(_encoder(), num_domains=K, num_labels=2, private=False,
-                    domain_heads=False, discriminator_hidden=6, dropout_rate=0.0)
+  model = fb.feature_model(_encoder(), fb.FeatureModel(
+      num_domains=K, num_labels=2, private=False,
+      domain_heads=False, discriminator_hidden=6, dropout_rate=0.0))
   loss_fn = fb.feature_tl_loss(model, adversarial_weight=1.0)
   params = model.init(jax.random.PRNGKey(0), batch["input_ids"], None, None,
                       batch["domain"])["params"]
@@ -239,14 +242,15 @@ def test_bad_configurations_are_named():
   step = fb.drss(_encoder(), _sgd(), num_domains=2)
   with pytest.raises(ValueError, match=r"num_domains=2.*\[0, 2\)"):
     step.init(jax.random.PRNGKey(0), batch)
-  model = fb._model(_encoder(), num_domains=K, num_labels=2, private=False,
-                    domain_heads=False, discriminator_hidden=None, dropout_rate=0.0)
+  model = fb.feature_model(_encoder(), fb.FeatureModel(
+      num_domains=K, num_labels=2, private=False,
+      domain_heads=False, discriminator_hidden=None, dropout_rate=0.0))
   with pytest.raises(ValueError, match="domain_heads"):
-    fb.feature_tl_step(model, _sgd(), drss_weight=1.0)
+    fb.feature_tl_step(model, _sgd(), fb.FeatureTL(drss_weight=1.0))
   with pytest.raises(ValueError, match="discriminator"):
-    fb.feature_tl_step(model, _sgd(), adversarial_weight=1.0)
+    fb.feature_tl_step(model, _sgd(), fb.FeatureTL(adversarial_weight=1.0))
   with pytest.raises(ValueError, match="private encoders"):
-    fb.feature_tl_step(model, _sgd(), difference_weight=1.0)
+    fb.feature_tl_step(model, _sgd(), fb.FeatureTL(difference_weight=1.0))
   with pytest.raises(ValueError, match="'domain'"):
     fb.fully_shared(_encoder(), _sgd(), num_domains=K).init(
         jax.random.PRNGKey(0), {k: v for k, v in batch.items() if k != "domain"})

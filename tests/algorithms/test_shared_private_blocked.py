@@ -46,10 +46,11 @@ def test_blocked_loss_and_gradients_equal_all_encoders_path_float64():
   with jax.enable_x64(True):
     batch = _blocked_batch(np.random.default_rng(0))
     batch["weight"][5] = 0.0
-    model = fb._model(_encoder(dtype=jnp.float64), num_domains=K, num_labels=2,
-                      private=True, domain_heads=True, discriminator_hidden=6,
-                      dropout_rate=0.0, make_private_encoder=_encoder(5, jnp.float64),
-                      common_head=True)
+    model = fb.feature_model(_encoder(dtype=jnp.float64), fb.FeatureModel(
+        num_domains=K, num_labels=2,
+        private=True, domain_heads=True, discriminator_hidden=6,
+        dropout_rate=0.0, make_private_encoder=_encoder(5, jnp.float64),
+        common_head=True))
     loss_fn = fb.feature_tl_loss(model, difference_weight=0.3, drss_weight=0.7,
                                  adversarial_weight=0.2)
     params = model.init(jax.random.PRNGKey(0), *model_inputs(batch),
@@ -83,8 +84,9 @@ def test_blocked_model_runs_each_private_encoder_on_its_block_only():
   """The blocked forward calls private encoder k on B / K rows (the cost claim), and
   its own-private features equal the all-encoders path's pick."""
   batch = _blocked_batch(np.random.default_rng(1))
-  model = fb._model(_encoder(), num_domains=K, num_labels=2, private=True,
-                    domain_heads=False, discriminator_hidden=None, dropout_rate=0.0)
+  model = fb.feature_model(_encoder(), fb.FeatureModel(
+      num_domains=K, num_labels=2, private=True,
+      domain_heads=False, discriminator_hidden=None, dropout_rate=0.0))
   args = (*model_inputs(batch), batch["domain"])
   params = model.init(jax.random.PRNGKey(0), *args)["params"]
   seen = []

@@ -143,7 +143,8 @@ def test_checker_sees_breaks(tmp_path, monkeypatch):
   flags_and_gin = "import gin\nfrom absl import flags\n"
   (fake / "cli" / "ok.py").write_text(flags_and_gin + "from etjax.jobs import runs\n")
   (fake / "main.py").write_text(flags_and_gin + "from etjax.cli import commands\n")
-  (fake / "apps" / "bad.py").write_text(flags_and_gin + "from etjax.cli import gin_config\n")
+  (fake / "apps" / "bad.py").write_text(flags_and_gin +
+                                       "from etjax.cli import gin_config\n")
   assert _breaks(fake / "cli" / "ok.py") == [] and _breaks(fake / "main.py") == []
   found = _breaks(fake / "apps" / "bad.py")
   assert [f.split(": ", 1)[0] for f in found] == ["etjax/apps/bad.py:1",

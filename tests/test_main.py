@@ -129,3 +129,56 @@ def test_plan_command_counts_the_real_models_parameters():
   # dimensions left replicated; never more than the whole.
   assert plan["parameter_bytes"] <= 4 * expected
   assert plan["fits"] is True
+
+
+def test_a_job_assembles_from_plain_settings_as_from_gin(tmp_path):
+  """etjax.jobs.runs needs no gin: the run of plain dicts is the run of the same
+  settings bound through gin (steps, tokenizer, model config, Trainer options)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from etjax.cli import job_commands  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import runs, tasks  # pylint: disable=g-import-not-at-top
+  bindings = [a[len("--gin."):].replace("=", " = ", 1) for a in TINY
+              if "num_steps" not in a]
+  main.bind_gin([], bindings + ["train.num_epochs = 2",
+                                "train.compute_dtype = 'bfloat16'",
+                                f"train.workdir = '{tmp_path / 'gin'}'"])
+  from_gin = job_commands._job()  # pylint: disable=protected-access
+
+  run = dict(workdir=str(tmp_path / "plain"), num_steps=None, num_epochs=2,
+             batch_size=8, eval_batch_size=16, max_length=24, seed=0, eval_every=0,
+             checkpoint_every=0, keep_best_metric="accuracy", log_every=10,
+             progress=False, compute_dtype="bfloat16", length_buckets=4,
+             group_by_length=16, compilation_cache="auto", prefetch=2)
+  model = dict(model="bert-tiny", pretrained=None, random_init=False, dropout=0.1,
+               vocab_size=400, overrides={"num_layers": 1, "hidden_size": 32,
+                                          "num_heads": 2, "intermediate_size": 64})
+  opt = dict(name="adamw", learning_rate=5e-5, warmup_fraction=0.1, weight_decay=0.01,
+             max_grad_norm=1.0, new_params_learning_rate=None)
+  splits = tasks.synthetic_splits(train_size=24, eval_size=8)
+  plain = runs.assemble(runs.Settings(run=run, model=model, optimizer=opt,
+                                      mesh=("data=-1", "dp"),
+                                      transfer=dict(method=None, method_args={},
+                                                    peft=None, teacher=None)), splits)
+
+  # 24 rows in each of 4 domains: ceil(96 / 8) updates per epoch.
+  assert plain.run["num_steps"] == from_gin.run["num_steps"] == 2 * 12
+  assert plain.trainer.num_steps == from_gin.trainer.num_steps == 24
+  assert plain.tokenizer.backend.get_vocab() == from_gin.tokenizer.backend.get_vocab()
+  assert plain.module.encoder.config == from_gin.module.encoder.config
+  assert plain.module.encoder.config.dtype == "bfloat16"  # train.compute_dtype
+  assert [ex.text_a for ex in plain.splits.train] == [ex.text_a for ex in
+                                                      from_gin.splits.train]
+  batch = plain.encode(plain.splits.train[:2])
+  np.testing.assert_array_equal(batch["input_ids"],
+                                from_gin.encode(from_gin.splits.train[:2])["input_ids"])
+  # The same Trainer options, and the same state (parameters and optimizer) to train.
+  options = ("seed", "eval_every", "checkpoint_every", "log_every", "keep_best_metric",
+             "progress", "prefetch", "pipeline", "rules")
+  assert ([getattr(plain.trainer, o) for o in options] ==
+          [getattr(from_gin.trainer, o) for o in options])
+  assert plain.trainer.mesh.shape == from_gin.trainer.mesh.shape
+  abstract = [jax.eval_shape(job.trainer.train_step.init, jax.random.key(0), batch)
+              for job in (plain, from_gin)]
+  assert jax.tree.structure(abstract[0]) == jax.tree.structure(abstract[1])
+  assert jax.tree.leaves(abstract[0]) == jax.tree.leaves(abstract[1])

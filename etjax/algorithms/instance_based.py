@@ -40,11 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from etjax.algorithms import loss_terms
 from etjax.algorithms.finetune import (model_inputs, weighted_accuracy,
                                        weighted_cross_entropy, with_pretrained)
 from etjax.algorithms.policy import (SelectorPolicy, entropy, reinforce_loss,
                                      sample_actions, update_baseline)
 from etjax.algorithms.reversal import gradient_reversal
+from etjax.algorithms.settings import settings_from
 from etjax.algorithms.step import (Batch, TrainState, TrainStep, apply_gradients,
                                    next_rng)
 from etjax.algorithms.tl_modules import DomainDiscriminator
@@ -126,22 +128,11 @@ def _weights(batch: Batch) -> jax.Array:
           else jnp.asarray(w, jnp.float32))
 
 
-def selection_step(classifier: nn.Module, tx: optax.GradientTransformation,
-                   selector_tx: optax.GradientTransformation, *,
-                   selector_hidden: int = 32, dev_metric: str = "neg_loss",
-                   reward: str = "source_gain",
-                   baseline_decay: float = 0.9, normalize_rewards: bool = True,
-                   entropy_weight: float = 0.0,
-                   discriminator_hidden: Optional[int] = None,
-                   adversarial_weight: float = 0.0, immediate_weight: float = 0.0,
-                   grl_scale: float = 1.0, label_smoothing: float = 0.0,
-                   pretrained: Optional[Mapping[str, Any]] = None) -> TrainStep:
-  """The shared machinery of RTL (no discriminator) and MGTL (with one).
+@dataclasses.dataclass(frozen=True)
+class SelectionSettings:
+  """Settings of RTL and MGTL (the bindings of gin/algorithms/rtl.gin, mgtl.gin).
 
-  Args:
-    classifier: the TL model (see SelectionTLModel).
-    tx: optimizer of the TL model (and discriminator).
-    selector_tx: optimizer of the selector policy.
+  Attributes:
     selector_hidden: hidden width of the selector MLP (0: linear policy).
     dev_metric: 'neg_loss' (minus the dev cross-entropy; smooth) or 'accuracy'.
     reward: 'gain', the dev metric after the step minus before it (RTL's delayed
@@ -158,6 +149,44 @@ def selection_step(classifier: nn.Module, tx: optax.GradientTransformation,
     label_smoothing: of the TL model's task loss.
     pretrained: plain arrays for a sub-tree of the TL model's params, e.g.
       {'classifier': {'encoder': encoder_params}}.
+  """
+  selector_hidden: int = 32
+  dev_metric: str = "neg_loss"
+  reward: str = "source_gain"
+  baseline_decay: float = 0.9
+  normalize_rewards: bool = True
+  entropy_weight: float = 0.0
+  discriminator_hidden: Optional[int] = None
+  adversarial_weight: float = 0.0
+  immediate_weight: float = 0.0
+  grl_scale: float = 1.0
+  label_smoothing: float = 0.0
+  pretrained: Optional[Mapping[str, Any]] = None
+
+  def __post_init__(self):
+    if self.reward not in REWARDS:
+      raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+    if self.dev_metric not in DEV_METRICS:
+      raise ValueError(f"dev_metric must be one of {DEV_METRICS}, got "
+                       f"{self.dev_metric!r}")
+    if ((self.adversarial_weight or self.immediate_weight)
+        and self.discriminator_hidden is None):
+      raise ValueError("adversarial_weight / immediate_weight need a discriminator "
+                       "(discriminator_hidden=int)")
+
+
+def selection_step(classifier: nn.Module, tx: optax.GradientTransformation,
+                   selector_tx: optax.GradientTransformation,
+                   settings: SelectionSettings = SelectionSettings()) -> TrainStep:
+  """The shared machinery of RTL (no discriminator) and MGTL (with one).
+
+  Args:
+    classifier: the TL model (see SelectionTLModel).
+    tx: optimizer of the TL model (and discriminator).
+    selector_tx: optimizer of the selector policy. (Its own optax state, not a group
+      of one `optax.multi_transform` with tx: the selector's gradient needs the TL
+      model's params after tx's step, so the two updates happen one after the other.)
+    settings: see SelectionSettings.
 
   Returns:
     TrainStep over SelectionState; update takes {'source', 'target', 'dev'} batches.
@@ -169,20 +198,9 @@ def selection_step(classifier: nn.Module, tx: optax.GradientTransformation,
     predict(state, batch) on a plain batch gives logits [B, C], features [B, H] and
     select_prob [B] (the policy's probability of selecting each labeled example).
   """
-  if reward not in REWARDS:
-    raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
-  if dev_metric not in DEV_METRICS:
-    raise ValueError(f"dev_metric must be one of {DEV_METRICS}, got {dev_metric!r}")
-  if (adversarial_weight or immediate_weight) and discriminator_hidden is None:
-    raise ValueError("adversarial_weight / immediate_weight need a discriminator "
-                     "(discriminator_hidden=int)")
-  parts = _Selection(
-      SelectionTLModel(classifier, discriminator_hidden),
-      SelectorPolicy(hidden=selector_hidden), tx, selector_tx, dev_metric=dev_metric,
-      reward=reward, baseline_decay=baseline_decay, normalize_rewards=normalize_rewards,
-      entropy_weight=entropy_weight, adversarial_weight=adversarial_weight,
-      immediate_weight=immediate_weight, grl_scale=grl_scale,
-      label_smoothing=label_smoothing, pretrained=pretrained)
+  model = SelectionTLModel(classifier, settings.discriminator_hidden)
+  parts = _Selection(model, SelectorPolicy(hidden=settings.selector_hidden), tx,
+                     selector_tx, settings)
   return TrainStep(init=parts.init, update=parts.update, predict=parts.predict)
 
 
@@ -191,21 +209,12 @@ _TL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Selection:
-  """The pieces of a selection step, one screen each; fields as `selection_step`."""
+  """The pieces of a selection step, one screen each; arguments as `selection_step`."""
   model: SelectionTLModel
   selector: SelectorPolicy
   tx: optax.GradientTransformation
   selector_tx: optax.GradientTransformation
-  dev_metric: str
-  reward: str
-  baseline_decay: float
-  normalize_rewards: bool
-  entropy_weight: float
-  adversarial_weight: float
-  immediate_weight: float
-  grl_scale: float
-  label_smoothing: float
-  pretrained: Optional[Mapping[str, Any]]
+  s: SelectionSettings
 
   @property
   def mgtl(self) -> bool:
@@ -213,7 +222,7 @@ class _Selection:
 
   def forward(self, params, part, *, deterministic, rng=None):
     return self.model.apply({"params": params}, *model_inputs(part),
-                            deterministic=deterministic, grl_scale=self.grl_scale,
+                            deterministic=deterministic, grl_scale=self.s.grl_scale,
                             rngs={"dropout": rng} if rng is not None else {})
 
   def selector_inputs(self, params, part):
@@ -229,7 +238,7 @@ class _Selection:
   def dev_value(self, params, dev):
     logits_bc, _, _ = self.forward(params, dev, deterministic=True)
     w = _weights(dev)
-    if self.dev_metric == "accuracy":
+    if self.s.dev_metric == "accuracy":
       return weighted_accuracy(logits_bc, dev["labels"], w)
     return -weighted_cross_entropy(logits_bc, dev["labels"], w)
 
@@ -239,8 +248,8 @@ class _Selection:
     model_rng, selector_rng, state_rng = jax.random.split(rng, 3)
     params = self.model.init({"params": model_rng, "dropout": model_rng},
                              *model_inputs(batch))["params"]
-    if self.pretrained:
-      params = with_pretrained(params, self.pretrained)
+    if self.s.pretrained:
+      params = with_pretrained(params, self.s.pretrained)
     x_bf, _ = self.selector_inputs(params, {**batch, "labels": jnp.zeros(
         batch["input_ids"].shape[:1], jnp.int32)})
     selector_params = self.selector.init(selector_rng, x_bf)["params"]
@@ -251,24 +260,27 @@ class _Selection:
                           baseline=jnp.zeros((), jnp.float32),
                           reward_var=jnp.ones((), jnp.float32))
 
-  def tl_loss(self, params, both, w_b, is_target_b, rng):
-    """The TL model's loss on target + weighted source rows: (loss, aux)."""
-    logits_bc, _, d_logit_b = self.forward(params, both, deterministic=False, rng=rng)
-    task = weighted_cross_entropy(logits_bc, both["labels"], w_b, self.label_smoothing)
-    aux = {"task_loss": task, "accuracy": weighted_accuracy(logits_bc, both["labels"], w_b)}
-    loss = task
+  def tl_loss(self, params, batch, rng):
+    """The TL model's loss on `batch` (target + source rows, weighted by
+    batch['weight']; batch['domain'] is 1 on target rows): the task loss plus, for
+    MGTL, the domain adversary (etjax.algorithms.loss_terms). (loss, aux)."""
+    def forward(params, batch, rng, deterministic):
+      logits_bc, features_bh, d_logit_b = self.forward(
+          params, batch, deterministic=deterministic, rng=rng)
+      out = {"logits": logits_bc, "features": features_bh}
+      if self.mgtl:  # source (0) / target (1) logits of the binary discriminator
+        out["domain_logits"] = jnp.stack([jnp.zeros_like(d_logit_b), d_logit_b], -1)
+      return out
+    loss = loss_terms.task_loss(forward, self.s.label_smoothing)
     if self.mgtl:
-      d_logits_b2 = jnp.stack([jnp.zeros_like(d_logit_b), d_logit_b], -1)
-      domain_loss = weighted_cross_entropy(d_logits_b2, is_target_b, w_b)
-      aux["domain_loss"] = domain_loss
-      aux["domain_accuracy"] = weighted_accuracy(d_logits_b2, is_target_b, w_b)
-      loss = loss + self.adversarial_weight * domain_loss
-    return loss, aux
+      loss = loss_terms.with_term(loss, self.s.adversarial_weight,
+                                  loss_terms.domain_adversary)
+    return loss(params, batch, rng, False)
 
   def delayed_reward(self, state, new_state, dev, dev_before, target_only_loss, rng):
     """What this step did to the target dev metric (step 3 of the module docstring)."""
     dev_reference = dev_before
-    if self.reward == "source_gain":
+    if self.s.reward == "source_gain":
       # Against the same step without source data: the target batch's own effect on
       # the dev metric, which does not depend on the actions, cancels.
       target_grads = jax.grad(target_only_loss)(state.params)
@@ -284,8 +296,8 @@ class _Selection:
     size (and the weights of the entropy bonus and immediate rewards) steady.
     """
     advantage = delayed - state.baseline
-    scale = jnp.sqrt(state.reward_var) + 1e-8 if self.normalize_rewards else 1.0
-    decay = self.baseline_decay
+    scale = jnp.sqrt(state.reward_var) + 1e-8 if self.s.normalize_rewards else 1.0
+    decay = self.s.baseline_decay
     reward_var = jnp.where(state.step == 0, advantage**2,
                            decay * state.reward_var + (1 - decay) * advantage**2)
     advantages, metrics = advantage / scale, {}
@@ -298,7 +310,7 @@ class _Selection:
       mean = jnp.sum(p_b * valid_b) / n
       std = jnp.sqrt(jnp.sum((p_b - mean)**2 * valid_b) / n)
       immediate_b = actions_b * valid_b * (p_b - mean) / (std + 1e-6)
-      advantages = advantages + self.immediate_weight * immediate_b
+      advantages = advantages + self.s.immediate_weight * immediate_b
       metrics = {"immediate_reward": jnp.sum(immediate_b) / n,
                  "source_target_prob": mean}
     return advantages, reward_var, metrics
@@ -310,7 +322,7 @@ class _Selection:
       pg = reinforce_loss(logits_b, actions_b, advantages, mask_b=valid_b,
                           reduction="mean")
       ent = jnp.sum(entropy(logits_b) * valid_b) / jnp.maximum(jnp.sum(valid_b), 1.0)
-      return pg - self.entropy_weight * ent, ent
+      return pg - self.s.entropy_weight * ent, ent
     (sel_loss, ent), sel_grads = jax.value_and_grad(selector_loss, has_aux=True)(
         state.selector_params)
     sel_updates, selector_opt_state = self.selector_tx.update(
@@ -330,18 +342,18 @@ class _Selection:
     z_b = self.selector.apply({"params": state.selector_params}, x_bf)
     actions_b = sample_actions(sample_rng, z_b) * valid_b.astype(jnp.int32)
     # 2. The TL model trains on the target batch plus the selected source examples.
-    both = _concat(tgt, src, _TL_KEYS)
     w_b = jnp.concatenate([_weights(tgt), _weights(src) * actions_b])
     is_target_b = jnp.concatenate([jnp.ones_like(_weights(tgt), jnp.int32),
                                    jnp.zeros_like(actions_b)])
+    both = {**_concat(tgt, src, _TL_KEYS), "weight": w_b, "domain": is_target_b}
     dev_before = self.dev_value(state.params, dev)
     (loss, aux), grads = jax.value_and_grad(self.tl_loss, has_aux=True)(
-        state.params, both, w_b, is_target_b, dropout_rng)
+        state.params, both, dropout_rng)
     new_state = apply_gradients(state, grads, self.tx, rng=rng)
     # 3. Delayed reward; 4. REINFORCE on the selector.
     delayed = self.delayed_reward(
         state, new_state, dev, dev_before,
-        lambda p: self.tl_loss(p, both, w_b * is_target_b, is_target_b, dropout_rng)[0],
+        lambda p: self.tl_loss(p, {**both, "weight": w_b * is_target_b}, dropout_rng)[0],
         rng)
     advantages, reward_var, reward_metrics = self.advantages(
         state, delayed, actions_b, valid_b, target_logit_b)
@@ -349,8 +361,9 @@ class _Selection:
                                                     advantages)
     new_state = new_state.replace(
         **fields, reward_var=reward_var,
-        baseline=update_baseline(state.baseline, delayed, decay=self.baseline_decay))
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux,
+        baseline=update_baseline(state.baseline, delayed, decay=self.s.baseline_decay))
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               **loss_terms.scalars(aux),
                "dev_before": dev_before, "reward": delayed, **reward_metrics,
                "baseline": state.baseline, **selector_metrics,
                "selected_fraction": jnp.sum(actions_b * valid_b) / jnp.maximum(
@@ -368,28 +381,30 @@ class _Selection:
 
 
 def rtl(classifier: nn.Module, tx: optax.GradientTransformation,
-        selector_tx: optax.GradientTransformation, **kwargs) -> TrainStep:
+        selector_tx: optax.GradientTransformation, **settings) -> TrainStep:
   """RTL (Qu et al. 2019): a reinforced selector with the delayed dev reward only.
 
-  Arguments as `selection_step` (without the discriminator's).
+  Settings as SelectionSettings (without the discriminator's).
   """
   for name in ("discriminator_hidden", "adversarial_weight", "immediate_weight"):
-    if kwargs.get(name):
+    if settings.get(name):
       raise ValueError(f"rtl takes no {name}; use mgtl for a discriminator")
-  return selection_step(classifier, tx, selector_tx, **kwargs)
+  return selection_step(classifier, tx, selector_tx,
+                        settings_from(SelectionSettings, "rtl", settings))
+
+
+MGTL_DEFAULTS = {"discriminator_hidden": 64, "adversarial_weight": 0.1,
+                 "immediate_weight": 0.1}
 
 
 def mgtl(classifier: nn.Module, tx: optax.GradientTransformation,
-         selector_tx: optax.GradientTransformation, *, discriminator_hidden: int = 64,
-         adversarial_weight: float = 0.1, immediate_weight: float = 0.1,
-         **kwargs) -> TrainStep:
+         selector_tx: optax.GradientTransformation, **settings) -> TrainStep:
   """MGTL (Wang et al. 2019): RTL plus a source/target discriminator that the TL
   model's features play against (gradient reversal) and that pays immediate rewards
-  for selecting target-like examples. Arguments as `selection_step`."""
-  return selection_step(classifier, tx, selector_tx,
-                        discriminator_hidden=discriminator_hidden,
-                        adversarial_weight=adversarial_weight,
-                        immediate_weight=immediate_weight, **kwargs)
+  for selecting target-like examples. Settings as SelectionSettings, over
+  MGTL_DEFAULTS."""
+  return selection_step(classifier, tx, selector_tx, settings_from(
+      SelectionSettings, "mgtl", {**MGTL_DEFAULTS, **settings}))
 
 
 def instance_batches(source: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray],
@@ -424,7 +439,7 @@ def build_instance_step(method: str, classifier: nn.Module,
     classifier, tx: as `selection_step`.
     selector_tx: the selector's optimizer; None for Adam at selector_learning_rate.
     selector_learning_rate: used when selector_tx is None.
-    **kwargs: as `selection_step`.
+    **kwargs: the method's settings (see SelectionSettings).
   """
   if method not in INSTANCE_METHODS:
     raise ValueError(f"unknown instance-based method {method!r}; expected one of "

@@ -26,7 +26,7 @@ Choices where the paper leaves details open (each is tested):
   relation row R[g_i] (a stop-gradient soft target, one softmax over all classes of
   the other tasks; for two tasks, the other task's head): a 3-way entailment example
   teaches the 2-way head "entails" once the prototypes relate those classes.
-- Episodes (`metaft.episode_loss` with tasks as groups): each step draws a task s (that
+- Episodes (`loss_terms.episode_term` with tasks as groups): each step draws a task s (that
   of a random valid row), adapts by inner SGD on the rows of s and adds the weighted
   own-task loss of the adapted model on the other tasks' rows, differentiated through
   the inner update (second order unless first_order=True).
@@ -34,6 +34,7 @@ Choices where the paper leaves details open (each is tested):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -42,10 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from etjax.algorithms import loss_terms
 from etjax.algorithms import metaft as mf
-from etjax.algorithms import prototypes as proto
 from etjax.algorithms.finetune import (init_params, model_inputs, weighted_accuracy,
                                        weighted_cross_entropy)
+from etjax.algorithms.settings import settings_from
 from etjax.algorithms.step import Batch, TrainStep, unbox
 
 PyTree = Any
@@ -124,39 +126,71 @@ def task_params(meta_params: PyTree, num_labels: Sequence[int], task: int) -> di
   return params
 
 
-class MetaDTLObjective:
-  """The MetaDTL loss (see the module docstring); aux as MetaFTObjective's with
-  'transferability' [B] and 'relations' [C, C] and the scalar 'relation_loss'."""
+@dataclasses.dataclass(frozen=True)
+class MetaDTLSettings:
+  """Settings of the MetaDTL meta-learner (gin/algorithms/metadtl.gin's bindings).
 
-  def __init__(self, model: nn.Module, num_labels: Sequence[int], *,
-               relation_weight: float, relation_temperature: float, typicality: bool,
-               temperature: float, momentum: float, inner_lr: Optional[float],
-               inner_steps: int, first_order: bool, meta_weight: float,
-               pretrained: Optional[Mapping[str, Any]] = None):
-    self.offsets, self.class_task = task_layout(num_labels)
-    self.num_labels = tuple(num_labels)
+  Attributes:
+    num_labels: class count per task, e.g. (3, 2); batch['domain'] is the task id.
+    relation_weight: weight of the cross-task relation term (0 = off).
+    relation_temperature: of the class relations R.
+    typicality: False gives every row weight 1 (an ablation).
+    temperature: of the transferability weights.
+    momentum: of the prototype moving average.
+    inner_lr, inner_steps, first_order, meta_weight: the episode term (inner_steps=0
+      turns it off).
+    pretrained: plain arrays for a sub-tree of the model's params.
+  """
+  num_labels: Sequence[int]
+  relation_weight: float = 0.1
+  relation_temperature: float = 0.1
+  typicality: bool = True
+  temperature: float = 0.5
+  momentum: float = 0.9
+  inner_lr: Optional[float] = 0.05
+  inner_steps: int = 1
+  first_order: bool = False
+  meta_weight: float = 1.0
+  pretrained: Optional[Mapping[str, Any]] = None
+
+  def __post_init__(self):
+    task_layout(self.num_labels)
+    for name in ("relation_weight", "meta_weight"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"metadtl: {name} must be >= 0, got {getattr(self, name)}")
+    if not self.temperature > 0 or not self.relation_temperature > 0:
+      raise ValueError(f"metadtl: temperatures must be > 0, got {self.temperature}, "
+                       f"{self.relation_temperature}")
+    if not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f"metadtl: momentum must be in [0, 1), got {self.momentum}")
+    loss_terms.check_episode(self.inner_lr, self.inner_steps)
+
+
+class MetaDTLObjective:
+  """The MetaDTL loss (see the module docstring): the transferability-weighted
+  own-task loss composed with the relation term and the episode term
+  (etjax.algorithms.loss_terms); aux as MetaFTObjective's with 'transferability' [B]
+  and 'relations' [C, C] and the scalar 'relation_loss'."""
+
+  def __init__(self, model: nn.Module, settings: MetaDTLSettings):
+    self.offsets, self.class_task = task_layout(settings.num_labels)
+    self.num_labels = tuple(settings.num_labels)
     total = mf.num_labels_of(model, "metadtl")
     if total != sum(self.num_labels):
       raise ValueError(f"metadtl: the model has {total} classes, num_labels "
                        f"{self.num_labels} sum to {sum(self.num_labels)}")
-    for name, value in (("relation_weight", relation_weight),
-                        ("meta_weight", meta_weight)):
-      if not value >= 0:
-        raise ValueError(f"metadtl: {name} must be >= 0, got {value}")
-    if not temperature > 0 or not relation_temperature > 0:
-      raise ValueError(f"metadtl: temperatures must be > 0, got {temperature}, "
-                       f"{relation_temperature}")
-    if not 0.0 <= momentum < 1.0:
-      raise ValueError(f"metadtl: momentum must be in [0, 1), got {momentum}")
-    mf.check_episode(inner_lr, inner_steps)
-    self.model, self.pretrained = model, pretrained
-    self.relation_weight, self.relation_temperature = relation_weight, relation_temperature
-    self.typicality, self.temperature, self.momentum = typicality, temperature, momentum
-    self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
-    self.meta_weight = meta_weight
+    self.model, self.s = model, settings
+    loss = loss_terms.with_term(self._weighted_task, settings.relation_weight,
+                                self._relation)
+    if settings.inner_steps > 0:
+      loss = loss_terms.with_term(loss, settings.meta_weight, loss_terms.episode_term(
+          lambda p, b, ctx: self.task_loss(p, b, *ctx["dropout"]),
+          inner_lr=settings.inner_lr, inner_steps=settings.inner_steps,
+          first_order=settings.first_order))
+    self._loss = loss
 
   def init(self, rng: jax.Array, batch: Batch) -> dict:
-    return {"model": init_params(self.model, rng, batch, self.pretrained)}
+    return {"model": init_params(self.model, rng, batch, self.s.pretrained)}
 
   def own_logits(self, logits_bc: jax.Array, tasks_b: jax.Array) -> jax.Array:
     """[B, C] logits with other tasks' classes masked out."""
@@ -167,8 +201,7 @@ class MetaDTLObjective:
     mf.require_domain(batch, "metadtl")
     tasks_b = jnp.asarray(batch["domain"], jnp.int32)
     classes_b = jnp.asarray(self.offsets)[tasks_b] + batch["labels"]
-    valid_b = jnp.asarray(batch.get("weight", jnp.ones(tasks_b.shape)), jnp.float32)
-    return tasks_b, classes_b, valid_b
+    return tasks_b, classes_b, mf.valid_weights(batch)
 
   def task_loss(self, params, batch, rng, deterministic):
     """Weighted own-task cross-entropy of the model params on `batch`: []."""
@@ -179,52 +212,52 @@ class MetaDTLObjective:
                                   batch.get("weight"))
 
   def loss(self, params, prototypes_kcd, counts_kc, batch, rng, deterministic=False):
-    tasks_b, classes_b, valid_b = self._rows(batch)
+    self._rows(batch)  # a batch without 'domain' fails here, naming it
     drop_rng, episode_rng = jax.random.split(rng)
+    return self._loss(params, batch, drop_rng, deterministic,
+                      prototypes_kcd=prototypes_kcd, counts_kc=counts_kc,
+                      episode_rng=episode_rng, dropout=(drop_rng, deterministic))
+
+  def _weighted_task(self, params, batch, rng, deterministic, *, prototypes_kcd,
+                     counts_kc, **_):
+    """The base loss: the own-task loss with transferability weights from the class
+    prototypes updated by this batch."""
+    tasks_b, classes_b, valid_b = self._rows(batch)
     out = self.model.apply({"params": params["model"]}, *model_inputs(batch),
-                           deterministic=deterministic, rngs={"dropout": drop_rng})
+                           deterministic=deterministic, rngs={"dropout": rng})
     prototypes_kcd, counts_kc = mf.update_prototypes(
         prototypes_kcd, counts_kc, out.features, classes_b, jnp.zeros_like(tasks_b),
-        momentum=self.momentum, mask_b=valid_b > 0)
+        momentum=self.s.momentum, mask_b=valid_b > 0)
     relations_cc = class_relations(prototypes_kcd[0], counts_kc[0], self.class_task,
-                                   temperature=self.relation_temperature)
+                                   temperature=self.s.relation_temperature)
     scores_b = transferability(jax.lax.stop_gradient(out.features), classes_b,
                                prototypes_kcd[0], relations_cc)
-    weights_b = valid_b
-    if self.typicality:
-      weights_b = valid_b * proto.typicality_weights(scores_b, temperature=self.temperature,
-                                                     mask_b=valid_b > 0)
+    weights_b = loss_terms.instance_weights(scores_b, valid_b, self.s.typicality,
+                                            self.s.temperature)
     own_bc = self.own_logits(out.logits, tasks_b)
     task = weighted_cross_entropy(own_bc, classes_b, weights_b)
+    return task, {"logits": out.logits, "features": out.features,
+                  "transferability": scores_b, "weights": weights_b,
+                  "relations": relations_cc, "prototypes_kcd": prototypes_kcd,
+                  "counts_kc": counts_kc, "task_loss": task, **loss_terms.no_episode(),
+                  "accuracy": weighted_accuracy(own_bc, classes_b, valid_b)}
+
+  def _relation(self, params, batch, aux, ctx):
+    """Term: the other tasks' heads predict the relation row R[g_i] of each row's
+    class (a stop-gradient soft target), weighted as the task loss."""
+    del params, ctx
+    tasks_b, classes_b, _ = self._rows(batch)
     other_bc = jnp.where(jnp.asarray(self.class_task)[None, :] != tasks_b[:, None],
-                         out.logits, _MASKED)
-    targets_bc = jax.lax.stop_gradient(relations_cc[classes_b])
+                         aux["logits"], _MASKED)
+    targets_bc = jax.lax.stop_gradient(aux["relations"][classes_b])
     soft_b = -jnp.sum(targets_bc * jax.nn.log_softmax(other_bc), axis=-1)
+    weights_b = aux["weights"]
     relation = jnp.sum(weights_b * soft_b) / jnp.maximum(jnp.sum(weights_b), 1e-9)
-    total = task + self.relation_weight * relation
-    meta_loss, group = jnp.zeros((), jnp.float32), jnp.asarray(-1, jnp.int32)
-    if self.inner_steps > 0:
-      inner = lambda p, b: self.task_loss(p, b, drop_rng, deterministic)
-      meta_loss, group = mf.episode_loss(inner, params["model"], batch, tasks_b,
-                                         weights_b, episode_rng, inner_lr=self.inner_lr,
-                                         inner_steps=self.inner_steps,
-                                         first_order=self.first_order)
-      total = total + self.meta_weight * meta_loss
-    aux = {"logits": out.logits, "features": out.features, "transferability": scores_b,
-           "weights": weights_b, "relations": relations_cc,
-           "prototypes_kcd": prototypes_kcd, "counts_kc": counts_kc, "task_loss": task,
-           "relation_loss": relation, "meta_loss": meta_loss, "episode_group": group,
-           "accuracy": weighted_accuracy(own_bc, classes_b, valid_b)}
-    return total, aux
+    return relation, {"relation_loss": relation}
 
 
-def metadtl(model: nn.Module, tx: optax.GradientTransformation, *,
-            num_labels: Sequence[int], relation_weight: float = 0.1,
-            relation_temperature: float = 0.1, typicality: bool = True,
-            temperature: float = 0.5, momentum: float = 0.9,
-            inner_lr: Optional[float] = 0.05, inner_steps: int = 1,
-            first_order: bool = False, meta_weight: float = 1.0,
-            pretrained: Optional[Mapping[str, Any]] = None) -> TrainStep:
+def metadtl(model: nn.Module, tx: optax.GradientTransformation,
+            **settings) -> TrainStep:
   """The MetaDTL meta-learner as a TrainStep (formulas in the module docstring).
 
   Args:
@@ -232,25 +265,13 @@ def metadtl(model: nn.Module, tx: optax.GradientTransformation, *,
       SequenceClassifier(encoder, num_labels=sum(num_labels))), returning `.logits`
       [B, C] and `.features` [B, d].
     tx: the optimizer.
-    num_labels: class count per task, e.g. (3, 2); batch['domain'] is the task id.
-    relation_weight: weight of the cross-task relation term (0 = off).
-    relation_temperature: of the class relations R.
-    typicality: False gives every row weight 1 (an ablation).
-    temperature: of the transferability weights.
-    momentum: of the prototype moving average.
-    inner_lr, inner_steps, first_order, meta_weight: the episode term (inner_steps=0
-      turns it off).
-    pretrained: plain arrays for a sub-tree of the model's params.
+    **settings: MetaDTLSettings' fields (num_labels required).
 
   Returns:
     A TrainStep over `metaft.MetaState` (prototypes [1, C, d]); metrics: loss,
     grad_norm, task_loss, relation_loss, meta_loss, accuracy (own task); predict gives
     'logits' [B, C] over all classes and 'features'.
   """
-  objective = MetaDTLObjective(
-      model, num_labels, relation_weight=relation_weight,
-      relation_temperature=relation_temperature, typicality=typicality,
-      temperature=temperature, momentum=momentum, inner_lr=inner_lr,
-      inner_steps=inner_steps, first_order=first_order, meta_weight=meta_weight,
-      pretrained=pretrained)
+  objective = MetaDTLObjective(model,
+                               settings_from(MetaDTLSettings, "metadtl", settings))
   return mf.step_with_prototypes(objective, tx, 1, sum(objective.num_labels))

@@ -36,8 +36,8 @@ Choices where the paper leaves details open (each is tested):
   steps of lr `inner_lr` on the batch's rows of g (the support) and adds the weighted
   loss of the adapted classifier on the other rows (the query), differentiated through
   the inner updates by `etjax.algorithms.meta.inner_adapt` (first_order=True for
-  FOMAML). Support and query keep the typicality weights. `episode_loss` is shared with
-  MetaDTL, where the groups are tasks.
+  FOMAML). Support and query keep the typicality weights. The episode term
+  (`loss_terms.episode_term`) is shared with MetaDTL, where the groups are tasks.
 
 The state is a `MetaState`: the boxed params {'model', 'domain_head'} plus the
 prototypes. `finetune_from` turns the meta-learner into an ordinary fine-tuning step.
@@ -46,6 +46,7 @@ MetaKD's meta-teacher (etjax.algorithms.metakd) is this same step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import flax
@@ -55,12 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from etjax.algorithms import meta
+from etjax.algorithms import loss_terms
 from etjax.algorithms import prototypes as proto
 from etjax.algorithms.finetune import (classifier_loss, finetune, init_params,
                                        model_inputs, weighted_accuracy,
                                        weighted_cross_entropy, with_pretrained)
 from etjax.algorithms.reversal import gradient_reversal
+from etjax.algorithms.settings import settings_from
 from etjax.algorithms.step import (Batch, TrainState, TrainStep, apply_gradients, next_rng,
                                    unbox)
 from etjax.models import layers
@@ -106,44 +108,6 @@ def update_prototypes(prototypes_kcd: jax.Array, counts_kc: jax.Array,
   return new_kcd, counts_kc + batch_kc
 
 
-def episode_loss(task_loss: Callable[[PyTree, Batch], jax.Array], params: PyTree,
-                 batch: Batch, groups_b: jax.Array, weights_b: jax.Array,
-                 rng: jax.Array, *, inner_lr: float, inner_steps: int,
-                 first_order: bool = False) -> tuple[jax.Array, jax.Array]:
-  """One meta-learning episode: adapt on one group's rows, score on the others.
-
-  Args:
-    task_loss: (params, batch) -> [] loss, weighting rows by batch['weight'].
-    params: theta_0 (boxes kept).
-    batch: the whole batch.
-    groups_b: [B] int group (domain or task) of each row.
-    weights_b: [B] row weights (0 = padding).
-    rng: picks the support group: that of a uniformly drawn row with weight > 0.
-    inner_lr, inner_steps, first_order: as in `etjax.algorithms.meta.inner_adapt`.
-
-  Returns:
-    ([] query loss at the adapted params, [] int support group g). The support is
-    `batch` with weight weights_b * (groups_b == g), the query with (groups_b != g).
-  """
-  groups_b, weights_b = jnp.asarray(groups_b), jnp.asarray(weights_b)
-  valid_b = weights_b > 0
-  row = jax.random.categorical(rng, jnp.where(valid_b, 0.0, -jnp.inf))
-  group = groups_b[row]
-  support = dict(batch, weight=weights_b * (groups_b == group))
-  query = dict(batch, weight=weights_b * (groups_b != group))
-  adapted = meta.inner_adapt(task_loss, params, support, inner_lr=inner_lr,
-                             inner_steps=inner_steps, first_order=first_order)
-  return task_loss(adapted, query), group
-
-
-def check_episode(inner_lr: Optional[float], inner_steps: int) -> None:
-  """Raises ValueError unless inner_steps >= 0 and inner_lr > 0 when inner_steps > 0."""
-  if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
-    raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
-  if inner_steps and not (inner_lr is not None and inner_lr > 0):
-    raise ValueError(f"inner_steps={inner_steps} needs inner_lr > 0, got {inner_lr!r}")
-
-
 def domain_head(num_domains: int) -> layers.Dense:
   """The linear domain classifier D: features [B, d] -> logits [B, K]."""
   return layers.Dense((num_domains,), ("embed",), ("classes",), name="domain_head")
@@ -172,118 +136,11 @@ def require_domain(batch: Batch, who: str) -> None:
                      f"{sorted(batch)}")
 
 
-class MetaFTObjective:
-  """The MetaFT loss and its parameters (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class MetaFTSettings:
+  """Settings of the MetaFT meta-learner (gin/algorithms/metaft.gin's bindings).
 
   Attributes:
-    init: (rng, batch) -> boxed params {'model', 'domain_head'}.
-    loss: (params, prototypes_kcd, counts_kc, batch, rng, deterministic) -> (loss, aux)
-      with aux: 'logits' [B, C], 'features' [B, d], 'typicality' [B] scores,
-      'weights' [B], 'corrupted_domains' [B], 'domain_logits' [B, K], the updated
-      'prototypes_kcd'/'counts_kc', and scalars 'task_loss', 'domain_loss',
-      'meta_loss', 'episode_group' (the support domain; -1 without episodes),
-      'accuracy'.
-  """
-
-  def __init__(self, model: nn.Module, *, num_domains: int, corruption_weight: float,
-               corruption_rate: float, reversal_scale: float, typicality: bool,
-               own_domain_weight: float, temperature: float, momentum: float,
-               inner_lr: Optional[float], inner_steps: int, first_order: bool,
-               meta_weight: float, pretrained: Optional[Mapping[str, Any]] = None):
-    self.num_classes = num_labels_of(model, "metaft")
-    if not isinstance(num_domains, int) or num_domains < 1:
-      raise ValueError(f"metaft: num_domains must be an int >= 1, got {num_domains!r}")
-    for name, value in (("corruption_weight", corruption_weight),
-                        ("reversal_scale", reversal_scale), ("meta_weight", meta_weight)):
-      if not value >= 0:
-        raise ValueError(f"metaft: {name} must be >= 0, got {value}")
-    if corruption_weight > 0 and not 0.0 <= corruption_rate <= 1.0:
-      raise ValueError(f"metaft: corruption_rate must be in [0, 1], got {corruption_rate}")
-    if corruption_weight > 0 and corruption_rate > 0 and num_domains < 2:
-      raise ValueError("metaft: corrupting domain labels needs num_domains >= 2")
-    if not temperature > 0:
-      raise ValueError(f"metaft: temperature must be > 0, got {temperature}")
-    if not 0.0 <= own_domain_weight <= 1.0:
-      raise ValueError(f"metaft: own_domain_weight must be in [0, 1], got "
-                       f"{own_domain_weight}")
-    if not 0.0 <= momentum < 1.0:
-      raise ValueError(f"metaft: momentum must be in [0, 1), got {momentum}")
-    check_episode(inner_lr, inner_steps)
-    self.model, self.num_domains = model, num_domains
-    self.corruption_weight, self.corruption_rate = corruption_weight, corruption_rate
-    self.reversal_scale, self.typicality = reversal_scale, typicality
-    self.own_domain_weight, self.temperature, self.momentum = (own_domain_weight,
-                                                               temperature, momentum)
-    self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
-    self.meta_weight, self.pretrained = meta_weight, pretrained
-    self.head = domain_head(num_domains)
-
-  def init(self, rng: jax.Array, batch: Batch) -> dict:
-    model_rng, head_rng = jax.random.split(rng)
-    d = feature_width(self.model, batch)
-    return {"model": init_params(self.model, model_rng, batch, self.pretrained),
-            "domain_head": self.head.init(head_rng, jnp.zeros((1, d)))["params"]}
-
-  def loss(self, params, prototypes_kcd, counts_kc, batch, rng, deterministic=False):
-    require_domain(batch, "metaft")
-    drop_rng, corrupt_rng, episode_rng = jax.random.split(rng, 3)
-    out = self.model.apply({"params": params["model"]}, *model_inputs(batch),
-                           deterministic=deterministic, rngs={"dropout": drop_rng})
-    labels_b, domains_b = batch["labels"], batch["domain"]
-    valid_b = jnp.asarray(batch.get("weight", jnp.ones(labels_b.shape)), jnp.float32)
-    prototypes_kcd, counts_kc = update_prototypes(
-        prototypes_kcd, counts_kc, out.features, labels_b, domains_b,
-        momentum=self.momentum, mask_b=valid_b > 0)
-    scores_b = proto.typicality_scores(jax.lax.stop_gradient(out.features), labels_b,
-                                       domains_b, prototypes_kcd, counts_kc,
-                                       own_domain_weight=self.own_domain_weight)
-    weights_b = valid_b
-    if self.typicality:
-      weights_b = valid_b * proto.typicality_weights(
-          scores_b, temperature=self.temperature, mask_b=valid_b > 0)
-    task = weighted_cross_entropy(out.logits, labels_b, weights_b)
-    corrupted_b = domains_b
-    if self.corruption_rate > 0 and self.num_domains > 1:
-      corrupted_b = proto.corrupt_domains(corrupt_rng, domains_b,
-                                          num_domains=self.num_domains,
-                                          rate=self.corruption_rate)
-    features_bd = out.features
-    if self.reversal_scale > 0:
-      features_bd = gradient_reversal(features_bd, self.reversal_scale)
-    domain_logits_bk = self.head.apply({"params": params["domain_head"]}, features_bd)
-    domain = weighted_cross_entropy(domain_logits_bk, corrupted_b, valid_b)
-    total = task + self.corruption_weight * domain
-    meta_loss, group = jnp.zeros((), jnp.float32), jnp.asarray(-1, jnp.int32)
-    if self.inner_steps > 0:
-      model_loss = classifier_loss(self.model)
-      task_loss = lambda p, b: model_loss(p, b, drop_rng, deterministic)[0]
-      meta_loss, group = episode_loss(task_loss, params["model"], batch, domains_b,
-                                  weights_b, episode_rng, inner_lr=self.inner_lr,
-                                  inner_steps=self.inner_steps,
-                                  first_order=self.first_order)
-      total = total + self.meta_weight * meta_loss
-    aux = {"logits": out.logits, "features": out.features, "typicality": scores_b,
-           "weights": weights_b, "corrupted_domains": corrupted_b,
-           "domain_logits": domain_logits_bk, "prototypes_kcd": prototypes_kcd,
-           "counts_kc": counts_kc, "task_loss": task, "domain_loss": domain,
-           "meta_loss": meta_loss, "episode_group": group,
-           "accuracy": weighted_accuracy(out.logits, labels_b, valid_b)}
-    return total, aux
-
-
-def metaft(model: nn.Module, tx: optax.GradientTransformation, *, num_domains: int,
-           corruption_weight: float = 0.1, corruption_rate: float = 0.5,
-           reversal_scale: float = 0.0, typicality: bool = True,
-           own_domain_weight: float = 0.0, temperature: float = 0.5,
-           momentum: float = 0.9, inner_lr: Optional[float] = None,
-           inner_steps: int = 0, first_order: bool = False, meta_weight: float = 1.0,
-           pretrained: Optional[Mapping[str, Any]] = None) -> TrainStep:
-  """The MetaFT meta-learner as a TrainStep (formulas in the module docstring).
-
-  Args:
-    model: a classifier returning `.logits` [B, C] and `.features` [B, d] (e.g.
-      SequenceClassifier); C = model.num_labels.
-    tx: optimizer of params {'model', 'domain_head'}.
     num_domains: K; batch['domain'] in [0, K).
     corruption_weight: weight of the corrupted-domain loss (0 = off).
     corruption_rate: probability of replacing a domain label by another domain.
@@ -294,19 +151,151 @@ def metaft(model: nn.Module, tx: optax.GradientTransformation, *, num_domains: i
     momentum: of the prototype moving average.
     inner_lr, inner_steps, first_order, meta_weight: the optional episode term.
     pretrained: plain arrays for a sub-tree of the model's params.
+  """
+  num_domains: int
+  corruption_weight: float = 0.1
+  corruption_rate: float = 0.5
+  reversal_scale: float = 0.0
+  typicality: bool = True
+  own_domain_weight: float = 0.0
+  temperature: float = 0.5
+  momentum: float = 0.9
+  inner_lr: Optional[float] = None
+  inner_steps: int = 0
+  first_order: bool = False
+  meta_weight: float = 1.0
+  pretrained: Optional[Mapping[str, Any]] = None
+
+  def __post_init__(self):
+    if not isinstance(self.num_domains, int) or self.num_domains < 1:
+      raise ValueError(f"metaft: num_domains must be an int >= 1, got "
+                       f"{self.num_domains!r}")
+    for name in ("corruption_weight", "reversal_scale", "meta_weight"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"metaft: {name} must be >= 0, got {getattr(self, name)}")
+    if self.corruption_weight > 0 and not 0.0 <= self.corruption_rate <= 1.0:
+      raise ValueError(f"metaft: corruption_rate must be in [0, 1], got "
+                       f"{self.corruption_rate}")
+    if self.corruption_weight > 0 and self.corruption_rate > 0 and self.num_domains < 2:
+      raise ValueError("metaft: corrupting domain labels needs num_domains >= 2")
+    if not self.temperature > 0:
+      raise ValueError(f"metaft: temperature must be > 0, got {self.temperature}")
+    if not 0.0 <= self.own_domain_weight <= 1.0:
+      raise ValueError(f"metaft: own_domain_weight must be in [0, 1], got "
+                       f"{self.own_domain_weight}")
+    if not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f"metaft: momentum must be in [0, 1), got {self.momentum}")
+    loss_terms.check_episode(self.inner_lr, self.inner_steps)
+
+
+def valid_weights(batch: Batch) -> jax.Array:
+  """[B] float32 batch['weight'] (ones without one): the rows that count."""
+  return jnp.asarray(batch.get("weight", jnp.ones(batch["labels"].shape)), jnp.float32)
+
+
+class MetaFTObjective:
+  """The MetaFT loss and its parameters (see the module docstring): the
+  typicality-weighted task loss composed with the corrupted-domain term and the
+  optional episode term (etjax.algorithms.loss_terms).
+
+  Attributes:
+    init: (rng, batch) -> boxed params {'model', 'domain_head'}.
+    loss: (params, prototypes_kcd, counts_kc, batch, rng, deterministic) -> (loss, aux)
+      with aux: 'logits' [B, C], 'features' [B, d], 'typicality' [B] scores,
+      'weights' [B], 'corrupted_domains' [B], 'domain_logits' [B, K], the updated
+      'prototypes_kcd'/'counts_kc', and scalars 'task_loss', 'domain_loss',
+      'domain_accuracy', 'meta_loss', 'episode_group' (the support domain; -1 without
+      episodes), 'accuracy'.
+  """
+
+  def __init__(self, model: nn.Module, settings: MetaFTSettings):
+    self.num_classes = num_labels_of(model, "metaft")
+    self.model, self.s = model, settings
+    self.head = domain_head(settings.num_domains)
+    loss = loss_terms.with_term(self._weighted_task, settings.corruption_weight,
+                                self._corrupted_domain)
+    if settings.inner_steps > 0:
+      model_loss = classifier_loss(model)
+      loss = loss_terms.with_term(loss, settings.meta_weight, loss_terms.episode_term(
+          lambda p, b, ctx: model_loss(p, b, *ctx["dropout"])[0],
+          inner_lr=settings.inner_lr, inner_steps=settings.inner_steps,
+          first_order=settings.first_order))
+    self._loss = loss
+
+  def init(self, rng: jax.Array, batch: Batch) -> dict:
+    model_rng, head_rng = jax.random.split(rng)
+    d = feature_width(self.model, batch)
+    return {"model": init_params(self.model, model_rng, batch, self.s.pretrained),
+            "domain_head": self.head.init(head_rng, jnp.zeros((1, d)))["params"]}
+
+  def loss(self, params, prototypes_kcd, counts_kc, batch, rng, deterministic=False):
+    require_domain(batch, "metaft")
+    drop_rng, corrupt_rng, episode_rng = jax.random.split(rng, 3)
+    return self._loss(params, batch, drop_rng, deterministic,
+                      prototypes_kcd=prototypes_kcd, counts_kc=counts_kc,
+                      corrupt_rng=corrupt_rng, episode_rng=episode_rng,
+                      dropout=(drop_rng, deterministic))
+
+  def _weighted_task(self, params, batch, rng, deterministic, *, prototypes_kcd,
+                     counts_kc, **_):
+    """The base loss: the task loss with typicality weights from the prototypes
+    updated by this batch."""
+    out = self.model.apply({"params": params["model"]}, *model_inputs(batch),
+                           deterministic=deterministic, rngs={"dropout": rng})
+    labels_b, domains_b, valid_b = batch["labels"], batch["domain"], valid_weights(batch)
+    prototypes_kcd, counts_kc = update_prototypes(
+        prototypes_kcd, counts_kc, out.features, labels_b, domains_b,
+        momentum=self.s.momentum, mask_b=valid_b > 0)
+    scores_b = proto.typicality_scores(jax.lax.stop_gradient(out.features), labels_b,
+                                       domains_b, prototypes_kcd, counts_kc,
+                                       own_domain_weight=self.s.own_domain_weight)
+    weights_b = loss_terms.instance_weights(scores_b, valid_b, self.s.typicality,
+                                            self.s.temperature)
+    task = weighted_cross_entropy(out.logits, labels_b, weights_b)
+    return task, {"logits": out.logits, "features": out.features,
+                  "typicality": scores_b, "weights": weights_b,
+                  "prototypes_kcd": prototypes_kcd, "counts_kc": counts_kc,
+                  "task_loss": task, **loss_terms.no_episode(),
+                  "accuracy": weighted_accuracy(out.logits, labels_b, valid_b)}
+
+  def _corrupted_domain(self, params, batch, aux, ctx):
+    """Term: the domain head D (behind reversal when reversal_scale > 0) on the
+    corrupted domain labels, every valid row weighted 1: the domain adversary's
+    loss on {'domain': corrupted labels, 'weight': valid rows}."""
+    corrupted_b = batch["domain"]
+    if self.s.corruption_rate > 0 and self.s.num_domains > 1:
+      corrupted_b = proto.corrupt_domains(ctx["corrupt_rng"], batch["domain"],
+                                          num_domains=self.s.num_domains,
+                                          rate=self.s.corruption_rate)
+    features_bd = aux["features"]
+    if self.s.reversal_scale > 0:
+      features_bd = gradient_reversal(features_bd, self.s.reversal_scale)
+    domain_logits_bk = self.head.apply({"params": params["domain_head"]}, features_bd)
+    domain, more = loss_terms.domain_adversary(
+        params, {"domain": corrupted_b, "weight": valid_weights(batch)},
+        {"domain_logits": domain_logits_bk}, ctx)
+    return domain, {"corrupted_domains": corrupted_b, "domain_logits": domain_logits_bk,
+                    **more}
+
+
+def metaft(model: nn.Module, tx: optax.GradientTransformation,
+           **settings) -> TrainStep:
+  """The MetaFT meta-learner as a TrainStep (formulas in the module docstring).
+
+  Args:
+    model: a classifier returning `.logits` [B, C] and `.features` [B, d] (e.g.
+      SequenceClassifier); C = model.num_labels.
+    tx: optimizer of params {'model', 'domain_head'}.
+    **settings: MetaFTSettings' fields (num_domains required).
 
   Returns:
     A TrainStep over `MetaState`; metrics: loss, grad_norm, task_loss, domain_loss,
-    meta_loss, accuracy. predict gives 'logits' [B, C] and 'features' [B, d].
+    domain_accuracy, meta_loss, accuracy. predict gives 'logits' [B, C] and
+    'features' [B, d].
   """
-  objective = MetaFTObjective(
-      model, num_domains=num_domains, corruption_weight=corruption_weight,
-      corruption_rate=corruption_rate, reversal_scale=reversal_scale,
-      typicality=typicality, own_domain_weight=own_domain_weight,
-      temperature=temperature, momentum=momentum, inner_lr=inner_lr,
-      inner_steps=inner_steps, first_order=first_order, meta_weight=meta_weight,
-      pretrained=pretrained)
-  return step_with_prototypes(objective, tx, num_domains, objective.num_classes)
+  objective = MetaFTObjective(model, settings_from(MetaFTSettings, "metaft", settings))
+  return step_with_prototypes(objective, tx, objective.s.num_domains,
+                              objective.num_classes)
 
 
 def step_with_prototypes(objective, tx: optax.GradientTransformation, num_groups: int,
@@ -332,7 +321,7 @@ def step_with_prototypes(objective, tx: optax.GradientTransformation, num_groups
     (loss, aux), grads = jax.value_and_grad(objective.loss, has_aux=True)(
         state.params, state.prototypes_kcd, state.counts_kc, batch, step_rng, False)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+    metrics.update(loss_terms.scalars(aux))
     return apply_gradients(state, grads, tx, rng=rng,
                            prototypes_kcd=aux["prototypes_kcd"],
                            counts_kc=aux["counts_kc"]), metrics

@@ -82,7 +82,7 @@ def objective(**changes):
             temperature=0.5, momentum=0.9, inner_lr=None, inner_steps=0,
             first_order=False, meta_weight=1.0)
   kw.update(changes)
-  return md.MetaDTLObjective(tiny(), NUM_LABELS, **kw)
+  return md.MetaDTLObjective(tiny(), md.MetaDTLSettings(num_labels=NUM_LABELS, **kw))
 
 
 def np_log_softmax(x):

@@ -90,7 +90,7 @@ def objective(**changes):
             temperature=0.5, momentum=0.9, inner_lr=None, inner_steps=0,
             first_order=False, meta_weight=1.0)
   kw.update(changes)
-  return mf.MetaFTObjective(tiny(), **kw)
+  return mf.MetaFTObjective(tiny(), mf.MetaFTSettings(**kw))
 
 
 def run(obj, *args):

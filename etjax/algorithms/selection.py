@@ -188,6 +188,28 @@ class WeightSearch(NamedTuple):
   study: Any
 
 
+def _weight_names(features: np.ndarray, feature_names: Optional[Sequence[str]],
+                  weight_range: tuple[float, float], num_trials: int,
+                  num_selected: int) -> tuple[str, ...]:
+  """The weights' names (see `optimize_selection_weights`); ValueError for a bad
+  search setting, naming it."""
+  f = features.shape[-1]
+  names = tuple(feature_names) if feature_names is not None else (
+      FEATURE_NAMES if f == len(FEATURE_NAMES) else tuple(f"f{i}" for i in range(f)))
+  if len(names) != f:
+    raise ValueError(f"optimize_selection_weights: {len(names)} feature names for {f} "
+                     f"features")
+  low, high = weight_range
+  if not low < high:
+    raise ValueError(f"optimize_selection_weights: weight_range must be (low, high) "
+                     f"with low < high, got {weight_range}")
+  if num_trials < 1:
+    raise ValueError(f"optimize_selection_weights: num_trials must be >= 1, got "
+                     f"{num_trials}")
+  select_top_n(np.zeros(features.shape[0]), num_selected)  # validates num_selected
+  return names
+
+
 def optimize_selection_weights(
     features_nf: Array, evaluate: Callable[[np.ndarray], float], *,
     num_selected: int, num_trials: int, seed: int = 0,
@@ -217,20 +239,8 @@ def optimize_selection_weights(
   import optuna  # pylint: disable=g-import-not-at-top  (optional dependency: etjax[tl])
 
   features = np.asarray(features_nf)
-  f = features.shape[-1]
-  names = tuple(feature_names) if feature_names is not None else (
-      FEATURE_NAMES if f == len(FEATURE_NAMES) else tuple(f"f{i}" for i in range(f)))
-  if len(names) != f:
-    raise ValueError(f"optimize_selection_weights: {len(names)} feature names for {f} "
-                     f"features")
+  names = _weight_names(features, feature_names, weight_range, num_trials, num_selected)
   low, high = weight_range
-  if not low < high:
-    raise ValueError(f"optimize_selection_weights: weight_range must be (low, high) "
-                     f"with low < high, got {weight_range}")
-  if num_trials < 1:
-    raise ValueError(f"optimize_selection_weights: num_trials must be >= 1, got "
-                     f"{num_trials}")
-  select_top_n(np.zeros(features.shape[0]), num_selected)  # validates num_selected
 
   def weights_of(params):
     return np.array([params[f"w_{name}"] for name in names])

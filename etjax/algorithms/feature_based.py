@@ -8,12 +8,16 @@ All five train a `SharedPrivateClassifier` on batches that mix source and target
       + adversarial_weight * CE(D(R(S)), domain)              gradient-reversal adversary
       + drss_weight        * tr(W Omega^-1 W^T)                DRSS matrix-normal prior
 
-where W holds each domain's output weights on the shared features (one column per
-domain). DRSS alternates: a gradient step on every parameter with Omega fixed, then
+(`loss_terms.task_loss` composed with three terms, the adversary being the
+`loss_terms.domain_adversary` that MGTL and MetaFT use too) where W holds each
+domain's output weights on the shared features (one column per domain). Each method
+is a FeatureModel (its parts) and FeatureTL settings over its defaults.
+
+DRSS alternates: a gradient step on every parameter with Omega fixed, then
 Omega <- (W^T W + eps I)^(1/2) / tr(same) in closed form, W scaled to unit norm so
 that the ridge is relative (every `omega_every` steps). Omega lives in the state
-(`FeatureTLState.omega`); `domain_relationships`
-turns it into the correlation matrix to report.
+(`FeatureTLState.omega`); `domain_relationships` turns it into the correlation matrix
+to report.
 
     step = drss_adv(lambda: BagOfEmbeddings(vocab_size=500), tx, num_domains=3)
     state = step.init(rng, batch)

@@ -10,7 +10,8 @@ Each update sees a source batch, a target batch and a target development batch:
    selector's input; the selector policy (etjax.algorithms.policy.SelectorPolicy)
    turns them into select probabilities and samples select/skip actions a_b.
 2. The TL model takes one optimizer step on the target batch plus the selected source
-   examples (weights a_b).
+   examples (weights a_b): `loss_terms.task_loss`, for MGTL composed with the
+   `loss_terms.domain_adversary` the feature-based methods use (target = domain 1).
 3. Delayed reward (RTL): the change of the target development metric made by
    training on the selected data. By default ('source_gain') it is measured against
    the same step without the source examples, R = metric(dev; after) -

@@ -182,3 +182,43 @@ def test_a_job_assembles_from_plain_settings_as_from_gin(tmp_path):
               for job in (plain, from_gin)]
   assert jax.tree.structure(abstract[0]) == jax.tree.structure(abstract[1])
   assert jax.tree.leaves(abstract[0]) == jax.tree.leaves(abstract[1])
+
+
+def test_predict_scores_with_the_model_that_trained(tmp_path, monkeypatch):
+  """`etjax predict` runs the model in train.compute_dtype (bfloat16 here), as training
+  and `etjax eval` do: its probabilities are the Trainer's predictions of the job the
+  same bindings assemble, restored from the same checkpoint, not a float32 copy's."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from etjax.cli import job_commands  # pylint: disable=g-import-not-at-top
+  from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from etjax.data.readers import Example  # pylint: disable=g-import-not-at-top
+  from etjax.jobs import runs  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  # A fast rate, so the probabilities leave 0.5 and a float32 copy's would differ.
+  args = [a for a in TINY if "num_steps" not in a] + [
+      f"--gin.train.workdir='{workdir}'", "--gin.train.compute_dtype='bfloat16'",
+      "--gin.train.num_steps=30", "--gin.optimizer.learning_rate=0.01"]
+  assert main.run(["train"] + args) == 0
+  texts = ["the plot is gripping , i love it", "the kettle is flimsy , avoid it",
+           "a calm , slow film", "it broke on day two"]
+  inputs, outputs = tmp_path / "in.tsv", tmp_path / "out.tsv"
+  inputs.write_text("".join(t + "\n" for t in texts))
+  built = []
+  classifier = runs.classifier
+  monkeypatch.setattr(runs, "classifier", lambda num_labels, model, *a, **k: (
+      built.append(model["overrides"].get("dtype")) or
+      classifier(num_labels, model, *a, **k)))
+  assert main.run(["predict", "--input", str(inputs), "--output", str(outputs)] + args) == 0
+  assert built == ["bfloat16"]
+  written = np.array([float(line.split("\t")[-1])
+                      for line in outputs.read_text().splitlines()[1:]])
+
+  main.bind_gin([], [a[len("--gin."):].replace("=", " = ", 1) for a in args])
+  job = job_commands._job()  # pylint: disable=protected-access
+  assert job.module.encoder.config.dtype == "bfloat16"
+  examples = [Example(text_a=t, text_b=None, domain=0, label=0, label_str="")
+              for t in texts]
+  state = job.trainer.restore(job.encode(examples))
+  out = job.trainer.predict(state, pipeline.eval_batches(job.encode(examples), 16))
+  expected = out["probabilities"][np.arange(len(texts)), out["predictions"]]
+  np.testing.assert_allclose(written, expected, atol=5e-5)  # written with 4 decimals

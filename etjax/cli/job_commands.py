@@ -127,7 +127,8 @@ def cmd_predict(input_path: str, output_path: str, workdir_suffix: str = "") -> 
   from etjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top
   from etjax.train import assets, predict_io  # pylint: disable=g-import-not-at-top
-  run, model = train(), classifier()
+  run = train()
+  model = runs.in_compute_dtype(classifier(), run)
   workdir = runs.workdir_of(run, workdir_suffix)
   predict_io.check_output(output_path)  # before any work, so no result is lost
   tokenizer, label_names = tasks.load_job_assets(workdir)

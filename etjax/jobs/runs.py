@@ -177,13 +177,18 @@ def transfer_run(settings: Settings, splits, tokenizer, module, pretrained, work
                        **trainer_options(settings, module))
 
 
+def in_compute_dtype(model: dict, run: dict) -> dict:
+  """The `classifier` settings with train.compute_dtype as the model's default dtype
+  (classifier.overrides may still set one): what train, eval and predict all build."""
+  overrides = {"dtype": run["compute_dtype"], **(model["overrides"] or {})}
+  return dict(model, overrides=overrides)
+
+
 def assemble(settings: Settings, splits: tasks.Splits, workdir_suffix: str = "") -> Job:
-  """The run of `settings` on `splits`: train.compute_dtype as the model's default
-  dtype (classifier.overrides may still set one), num_steps from num_epochs, the
-  workdir's saved tokenizer when there is one (tasks.make_tokenizer), and a Trainer
+  """The run of `settings` on `splits`: the model in train.compute_dtype, num_steps
+  from num_epochs, the workdir's saved tokenizer when there is one (tasks.make_tokenizer), and a Trainer
   (fine-tuning) or a RecipeRun (transfer.method)."""
-  run, model = dict(settings.run), dict(settings.model)
-  model["overrides"] = {"dtype": run["compute_dtype"], **(model["overrides"] or {})}
+  run, model = dict(settings.run), in_compute_dtype(settings.model, settings.run)
   if run["num_epochs"] is not None:
     run["num_steps"] = run["num_epochs"] * -(-len(splits.train) // run["batch_size"])
   settings = dataclasses.replace(settings, run=run, model=model)

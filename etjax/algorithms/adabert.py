@@ -19,7 +19,9 @@ edge's ops, weighted by w, summed over cells) divided by its maximum, so it lies
 [0, 1]. alpha has its own optimizer. AdaBERT also searched the number of cells and
 used the teacher's layer-wise probes; here K is fixed and the KD is on the logits.
 The discrete student keeps, per edge, the strongest non-zero op, and per node its
-two strongest edges (DARTS's derivation); it is then retrained, with KD, by `distill`.
+two strongest edges (DARTS's derivation); it is then retrained from scratch with the
+search's CE and KD terms (`retrain`, a `distill` step). In a recipe the retraining
+step is built before the search has run (`deferred_retrain`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from etjax.algorithms.distill import (DistillLoss, DistillState, Teacher,
-                                     distill_train_step)
+from etjax.algorithms.distill import (DistillLoss, DistillState, Teacher, distill,
+                                     distill_train_step, hinton)
 from etjax.algorithms.finetune import (init_params, weighted_accuracy,
                                        weighted_cross_entropy)
 from etjax.algorithms.step import TrainStep
@@ -190,6 +192,9 @@ class AdaBert(nn.Module):
     if self.genotype is not None and len(self.genotype) != cfg.num_edges:
       raise ValueError(f"genotype has {len(self.genotype)} ops, the cell has "
                        f"{cfg.num_edges} edges")
+    if input_ids.shape[1] > cfg.max_length:
+      raise ValueError(f"AdaBert: sequences of {input_ids.shape[1]} tokens exceed "
+                       f"AdaBertConfig.max_length = {cfg.max_length} positions")
     mask_bl = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask)
     positions = jnp.arange(input_ids.shape[1])
     # BERT's N(0, 0.02) tables: with unit-variance tables the positions drown the
@@ -294,6 +299,53 @@ def adabert_search(config: AdaBertConfig, teacher: Teacher,
       beta)
   tx = optax.multi_transform({"weights": tx_weights, "arch": tx_arch}, arch_labels)
   return distill_train_step(objective, tx, objective.objective.init)
+
+
+def arch_optimizer(learning_rate: float = 3e-2) -> optax.GradientTransformation:
+  """The optimizer of alpha in `adabert_search`: Adam at a constant `learning_rate`."""
+  return optax.adam(learning_rate)
+
+
+def retrain(config: AdaBertConfig, genotype: Sequence[str], teacher: Teacher,
+            tx: optax.GradientTransformation, *, gamma: float = 0.8,
+            temperature: float = 1.0) -> TrainStep:
+  """The derived student `AdaBert(config, genotype)` distilled from a fresh init with
+  the search's (1 - gamma) CE + gamma T^2 KD at `temperature` (no efficiency term).
+
+  Returns:
+    A `distill` TrainStep over DistillState; params['student'] holds exactly the
+    kept ops' parameters (`student_param_count`).
+  """
+  check_genotype(genotype, config)
+  return distill(AdaBert(config, tuple(genotype)), teacher, tx, losses=hinton(gamma),
+                 temperature=temperature)
+
+
+def deferred_retrain(config: AdaBertConfig, genotype_fn, teacher: Teacher,
+                     tx: optax.GradientTransformation, **kwargs) -> TrainStep:
+  """`retrain` of the cells `genotype_fn()` names, built when the step is first
+  traced or called, not when this is called: a recipe builds its stages before the
+  search that chooses the cells has run.
+
+  Args:
+    genotype_fn: () -> one op name per edge (e.g. derived from the finished search's
+      alpha); called once.
+    **kwargs: `retrain`'s gamma and temperature.
+
+  Returns:
+    A TrainStep whose every function delegates to that one `retrain` step.
+  """
+  built: list[TrainStep] = []
+
+  def step() -> TrainStep:
+    if not built:
+      built.append(retrain(config, genotype_fn(), teacher, tx, **kwargs))
+    return built[0]
+  return TrainStep(init=lambda rng, batch: step().init(rng, batch),
+                   update=lambda state, batch: step().update(state, batch),
+                   predict=lambda state, batch: step().predict(state, batch),
+                   grad=lambda state, batch, rng: step().grad(state, batch, rng),
+                   apply=lambda state, grads, rng: step().apply(state, grads, rng))
 
 
 def architecture_weights(state: DistillState, config: AdaBertConfig,

@@ -10,13 +10,20 @@ when the widths differ (attentions need equal head counts). Stage 2, prediction-
 distillation: L_2 = T^2 KL(softmax(t / T) || softmax(s / T)) (the paper's soft
 cross-entropy; both give the same gradients).
 
-The two stages are one TrainStep: updates 0 .. intermediate_steps - 1 run stage 1
-with `tx_intermediate`, later ones stage 2 with `tx_prediction`, each optimizer with
-its own state (stage 2 starts its schedule afresh, as a second run would). Only the
-selected stage's forward and backward run (`lax.cond`). TinyBERT's general
-distillation and data augmentation are outside this step: general distillation is
-stage 1 on unlabelled text with an encoder student and teacher; augmentation only
-changes the data.
+Two shapes of the same stages:
+- `tinybert_stages`: one TrainStep per stage, for a recipe (etjax.algorithms.recipe)
+  whose stage 2 starts from stage 1's student (each stage in its own sub-workdir, its
+  own data pass and rng; what `etjax train --gin.transfer.method="'tinybert'"` runs).
+- `tinybert`: both stages in one TrainStep: updates 0 .. intermediate_steps - 1 run
+  stage 1 with `tx_intermediate`, later ones stage 2 with `tx_prediction`, each
+  optimizer with its own state (stage 2 starts its schedule afresh, as a second run
+  would), the data and rng running on across the switch. Only the selected stage's
+  forward and backward run (`lax.cond`). The paper table and the tests of its
+  learning claim train this one.
+
+TinyBERT's general distillation and data augmentation are outside these steps: general
+distillation is stage 1 on unlabelled text with an encoder student and teacher;
+augmentation only changes the data.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import jax.numpy as jnp
 import optax
 
 from etjax.algorithms import layer_map as lm
-from etjax.algorithms.distill import (DistillLoss, DistillState, Teacher, distill_update,
+from etjax.algorithms.distill import (DistillLoss, DistillState, Teacher,
+                                      distill_train_step, distill_update,
                                       student_predict)
 from etjax.algorithms.finetune import LossFn
 from etjax.algorithms.step import TrainStep
@@ -43,6 +51,43 @@ def tinybert_layer_map(num_student_layers: int, num_teacher_layers: int
                        ) -> tuple[int, ...]:
   """g(m) = m N / M for m = 1..M (1-based teacher layers)."""
   return lm.layer_map("skip", num_student_layers, num_teacher_layers)
+
+
+def _objectives(student, teacher: Teacher, *, temperature: float, layer_map: lm.Strategy,
+                intermediate_losses: Mapping[str, float],
+                prediction_losses: Mapping[str, float], student_init
+                ) -> dict[str, DistillLoss]:
+  """{stage: its DistillLoss}: the same student and teacher under each stage's losses."""
+  return {stage: DistillLoss(student, teacher, dict(losses), temperature=temperature,
+                             layer_map=layer_map, student_init=student_init)
+          for stage, losses in zip(STAGES, (intermediate_losses, prediction_losses))}
+
+
+def tinybert_stages(student: Union[nn.Module, LossFn], teacher: Teacher,
+                    tx_intermediate: optax.GradientTransformation,
+                    tx_prediction: optax.GradientTransformation, *,
+                    temperature: float = 1.0, layer_map: lm.Strategy = "skip",
+                    intermediate_losses: Mapping[str, float] = INTERMEDIATE,
+                    prediction_losses: Mapping[str, float] = PREDICTION,
+                    student_init=None) -> dict[str, TrainStep]:
+  """TinyBERT's stages as two TrainSteps, for a recipe (see the module docstring).
+
+  Args: as `tinybert` (without intermediate_steps: each stage runs its own number of
+    updates).
+
+  Returns:
+    {'intermediate': step, 'prediction': step}, each a `distill` TrainStep over
+    DistillState with params {'student', 'projections'}; the intermediate stage's
+    projections (W_e, W_h) exist only in its own state, so the prediction stage takes
+    the student from it (`etjax.algorithms.recipe.carry_params`) and nothing else.
+  """
+  objectives = _objectives(student, teacher, temperature=temperature,
+                           layer_map=layer_map, intermediate_losses=intermediate_losses,
+                           prediction_losses=prediction_losses,
+                           student_init=student_init)
+  txs = {"intermediate": tx_intermediate, "prediction": tx_prediction}
+  return {stage: distill_train_step(objectives[stage], txs[stage],
+                                    objectives[stage].init) for stage in STAGES}
 
 
 def tinybert(student: Union[nn.Module, LossFn], teacher: Teacher,
@@ -72,13 +117,10 @@ def tinybert(student: Union[nn.Module, LossFn], teacher: Teacher,
   if intermediate_steps < 0:
     raise ValueError(f"tinybert: intermediate_steps must be >= 0, got "
                      f"{intermediate_steps}")
-  objectives = {
-      "intermediate": DistillLoss(student, teacher, dict(intermediate_losses),
-                                  temperature=temperature, layer_map=layer_map,
-                                  student_init=student_init),
-      "prediction": DistillLoss(student, teacher, dict(prediction_losses),
-                                temperature=temperature, layer_map=layer_map,
-                                student_init=student_init)}
+  objectives = _objectives(student, teacher, temperature=temperature,
+                           layer_map=layer_map, intermediate_losses=intermediate_losses,
+                           prediction_losses=prediction_losses,
+                           student_init=student_init)
   txs = {"intermediate": tx_intermediate, "prediction": tx_prediction}
 
   def init(rng, batch):

@@ -43,7 +43,6 @@ from etjax import data as data_lib
 from etjax.algorithms import adabert as ab
 from etjax.algorithms import optim
 from etjax.algorithms import tinybert as tb
-from etjax.algorithms.distill import distill, hinton
 from etjax.algorithms.finetune import finetune
 from etjax.algorithms.step import unbox
 from etjax.data import synthetic
@@ -230,27 +229,30 @@ def time_predict(step, state, batch, repeats: int = 20) -> float:
 
 
 def adabert_search_step(settings: Settings, overrides, width: int,
-                        learning_rates=(3e-3, 3e-2)):
+                        learning_rate: float = 3e-3):
   """(AdaBertConfig, adabert_search's settings, the search step under a placeholder
-  teacher); the ops' weights and alpha each with Adam at its learning rate."""
+  teacher); the ops' weights with Adam at `learning_rate`, alpha with adabert.gin's
+  arch_optimizer."""
   config = ab.AdaBertConfig(**dict(
       method_settings(settings, "adabert", "AdaBertConfig", overrides),
       vocab_size=VOCAB, width=width, max_length=MAX_LENGTH))
   kwargs = method_settings(settings, "adabert", "adabert_search", overrides)
-  step = ab.adabert_search(config, placeholder_teacher(), optax.adam(learning_rates[0]),
-                           optax.adam(learning_rates[1]), **kwargs)
+  step = ab.adabert_search(
+      config, placeholder_teacher(), optax.adam(learning_rate),
+      ab.arch_optimizer(**method_settings(settings, "adabert", "arch_optimizer",
+                                          overrides)), **kwargs)
   return config, kwargs, step
 
 
 def adabert_retrain_step(config, genotype, search_kwargs, steps: int,
                          learning_rate: float = 5e-3):
-  """The derived student distilled with the search's (1 - gamma) CE + gamma KD at its
-  temperature (no efficiency term), AdamW decaying over `steps`."""
-  return distill(ab.AdaBert(config, genotype), placeholder_teacher(),
-                 optim.make_optimizer("adamw", learning_rate=learning_rate,
-                                      total_steps=steps),
-                 losses=hinton(search_kwargs["gamma"]),
-                 temperature=search_kwargs["temperature"])
+  """The derived student retrained with the search's CE and KD terms
+  (`adabert.retrain`), AdamW decaying over `steps`."""
+  return ab.retrain(config, genotype, placeholder_teacher(),
+                    optim.make_optimizer("adamw", learning_rate=learning_rate,
+                                         total_steps=steps),
+                    gamma=search_kwargs["gamma"],
+                    temperature=search_kwargs["temperature"])
 
 
 def adabert_seed(seed: int, steps, search, domain: str, sizes, num_steps) -> dict:
@@ -310,15 +312,18 @@ def run_adabert(*, settings: Settings, seeds=(0, 1, 2), domain: str = "electroni
 
   Args:
     settings: as in run_table10; AdaBERT's from settings['adabert'] (AdaBertConfig's
-      cell space, adabert_search's gamma, beta, temperature and cost).
+      cell space, adabert_search's gamma, beta, temperature and cost, arch_optimizer's
+      learning rate).
     seeds, train_size, test_size: as in run_table10.
     teacher_steps, search_steps, student_steps: updates of the teacher, the search
       and the retraining of the derived student.
     width: the student's width (the table's; AdaBertConfig.width is replaced, as are
       vocab_size and max_length by the data's).
-    overrides: {'AdaBertConfig' or 'adabert_search': {arg: value}} over adabert.gin.
+    overrides: {'AdaBertConfig', 'adabert_search' or 'arch_optimizer': {arg: value}}
+      over adabert.gin.
   """
-  check_overrides("distill_adabert", overrides, ("AdaBertConfig", "adabert_search"))
+  check_overrides("distill_adabert", overrides,
+                  ("AdaBertConfig", "adabert_search", "arch_optimizer"))
   config, kwargs, search = adabert_search_step(settings, overrides, width)
   steps = (teacher_step(teacher_steps)[1], search)
   reports = []

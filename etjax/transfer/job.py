@@ -119,11 +119,21 @@ class RecipeRun:
       resumed = getattr(trainer, "resumed_from", None)
       if resumed is not None and resumed < stage.num_steps:
         self.resumed_from = resumed
+    self.final = trainer  # set up by its training: evaluates without a second trace
     return result
 
   def check_resumable(self, example_batch) -> None:
-    """The target model's checkpoints, where there are any, fit this job's state."""
-    self.final.check_resumable(example_batch)
+    """The target model's checkpoints, where there are any, fit this job's state.
+    Without them the first stage is traced instead (its model fails now, before
+    anything is written): the last stage's step may be defined by an earlier stage's
+    result (AdaBERT's retraining of the cells its search chose)."""
+    if self.final.checkpointer.all_steps() or len(self.stages) == 1:
+      self.final.check_resumable(example_batch)
+      return
+    first = recipe_lib.stage_trainer(
+        self.stages[0], recipe_lib.stage_dirs(self.workdir, self.stages)[0],
+        **self.trainer_kwargs)
+    first.check_resumable(example_batch)
 
   def write_config(self, text: str) -> str:
     return trainer_lib.write_config(self.workdir, text)

@@ -28,11 +28,12 @@ from etjax.algorithms.distill import distill
 from etjax.algorithms.distilbert import distilbert
 from etjax.algorithms.finetune import finetune, init_params, with_pretrained
 from etjax.algorithms.pkd import pkd
-from etjax.algorithms.tinybert import tinybert
+from etjax.algorithms.tinybert import tinybert_stages
 from etjax.algorithms.recipe import Stage
 from etjax.data import streams as streams_lib
 from etjax.train import fit as fit_lib
 from etjax.train import ruder_plank as ruder_plank_search
+from etjax.transfer import search_recipe
 from etjax.transfer.roles import Roles
 
 Arrays = dict[str, np.ndarray]
@@ -287,7 +288,7 @@ STUDENT = (r"^student/encoder/",)
 
 
 def _distillation(kind: str) -> Callable[[Materials, dict], list]:
-  """KD, PKD, DistilBERT or TinyBERT from transfer.teacher into the student
+  """KD, PKD or DistilBERT from transfer.teacher into the student
   (classifier.model / classifier.pretrained; DistilBERT derives its student from the
   teacher), on every training row (the transfer set)."""
   def build(m: Materials, settings: dict) -> list:
@@ -300,16 +301,37 @@ def _distillation(kind: str) -> Callable[[Materials, dict], list]:
                      **settings)
     elif kind == "pkd":
       step = pkd(student, m.teacher, tx, **settings)
-    elif kind == "distilbert":
-      _, step = distilbert(m.teacher, tx, **settings)
     else:
-      pretrained = m.encoder_pretrained()
-      step = tinybert(student, m.teacher, tx, m.make_tx(steps, STUDENT),
-                      student_init=lambda rng, batch: init_params(student, rng, batch,
-                                                                  pretrained),
-                      **settings)
+      _, step = distilbert(m.teacher, tx, **settings)
     return [Stage(kind, step, steps, m.batches(rows), m.eval_data)]
   return build
+
+
+def _tinybert(m: Materials, settings: dict) -> list:
+  """TinyBERT as a recipe on every training row: stage 'intermediate' (embedding,
+  hidden-state and attention MSE; intermediate_steps updates, None: as many as the
+  next stage, 0: none), then stage 'prediction' (soft logits) starting from the
+  student it leaves (carry_params; its projections stay behind)."""
+  kwargs = dict(settings)
+  first = kwargs.pop("intermediate_steps")
+  rows = m.roles.source + m.roles.target
+  steps = m.steps_for(len(rows))
+  first = steps if first is None else first
+  if first < 0:
+    raise ValueError(f"tinybert: intermediate_steps = {first}; give a count >= 0 (or "
+                     "None: as many as the prediction stage)")
+  student, pretrained = m.make_classifier(), m.encoder_pretrained()
+  step = tinybert_stages(student, m.teacher, m.make_tx(max(first, 1), STUDENT),
+                         m.make_tx(steps, STUDENT),
+                         student_init=lambda rng, batch: init_params(student, rng, batch,
+                                                                     pretrained),
+                         **kwargs)
+  prediction = Stage("prediction", step["prediction"], steps, m.batches(rows),
+                     m.eval_data)
+  if not first:
+    return [prediction]
+  return [Stage("intermediate", step["intermediate"], first, m.batches(rows)),
+          prediction]
 
 
 def _metadtl(m: Materials, settings: dict) -> list:
@@ -418,12 +440,16 @@ def _methods() -> dict[str, Method]:
       Method("distilbert", "distill", "DistilBERT: a half-depth student from every "
              "other teacher layer", _distillation("distilbert"),
              settings_file="distilbert", needs_teacher=True),
-      Method("tinybert", "distill", "TinyBERT: intermediate-layer then prediction-layer "
-             "distillation", _distillation("tinybert"), settings_file="tinybert",
+      Method("tinybert", "distill", "TinyBERT: intermediate-layer, then prediction-layer "
+             "distillation (two stages)", _tinybert, settings_file="tinybert",
              needs_teacher=True),
       Method("metakd", "distill", "MetaKD: a meta-teacher from transfer.teacher over "
              "every domain, then distillation weighted by its domain expertise",
              _metakd, settings_file="metakd", needs_teacher=True),
+      Method("adabert", "distill", "AdaBERT: a differentiable search of a small "
+             "convolutional student's cells distilled from transfer.teacher, then the "
+             "chosen cells retrained (two stages)", search_recipe.build,
+             settings_file="adabert", needs_teacher=True),
   ]
   return {m.name: m for m in methods}
 

@@ -102,3 +102,41 @@ def test_search_derive_and_retrain_on_synthetic_data():
   assert size < ab.param_count(teacher_params)
   acc = fx.accuracy(retrain, state, encoded["test"])
   assert acc > 0.7, (acc, genotype)
+
+
+def test_deferred_retrain_builds_the_named_cells_when_first_used():
+  """The recipe's retraining step asks for its cells only when traced, once, and then
+  makes `retrain`'s very updates; a sequence longer than the positions is named."""
+  batch = fx.random_batch(2, batch=4, length=10)
+  config = ab.AdaBertConfig(vocab_size=60, num_labels=2, width=8, num_cells=1,
+                            num_nodes=2, max_length=12)
+  teacher = ab.AdaBert(config, ("identity", "identity", "conv3", "zero", "avgpool3"))
+  teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(3),
+                                         batch["input_ids"])["params"]
+  genotype = ("conv3", "maxpool3", "zero", "dilconv5", "identity")
+  asked = []
+
+  def genotype_fn():
+    asked.append(1)
+    return genotype
+  tx = optax.adam(1e-2)
+  deferred = ab.deferred_retrain(config, genotype_fn, (teacher, teacher_params), tx,
+                                 gamma=0.6, temperature=2.0)
+  assert not asked  # built before any search ran
+  direct = ab.retrain(config, genotype, (teacher, teacher_params), tx, gamma=0.6,
+                      temperature=2.0)
+  states = [jax.jit(s.init)(jax.random.PRNGKey(0), batch) for s in (deferred, direct)]
+  assert len(asked) == 1
+  assert sorted(unbox(states[0].params["student"])["cell0"]) == [
+      "edge0_conv3", "edge3_dilconv5", "norm0", "norm1"]
+  for _ in range(2):
+    states = [jax.jit(s.update)(state, batch)[0]
+              for s, state in zip((deferred, direct), states)]
+  jax.tree.map(np.testing.assert_array_equal, unbox(states[0].params),
+               unbox(states[1].params))
+  np.testing.assert_array_equal(jax.jit(deferred.predict)(states[0], batch)["logits"],
+                                jax.jit(direct.predict)(states[1], batch)["logits"])
+  assert len(asked) == 1
+  long = fx.random_batch(2, batch=4, length=16)
+  with pytest.raises(ValueError, match="16 tokens exceed AdaBertConfig.max_length = 12"):
+    jax.eval_shape(direct.init, jax.random.PRNGKey(0), long)

@@ -80,6 +80,41 @@ def test_stages_switch_and_stage_one_matches_hand_computation():
                              rtol=1e-5)
 
 
+def test_recipe_stages_are_the_switching_steps_stages():
+  """tinybert_stages' two steps make the same updates as tb.tinybert's stages:
+  stage 1 from the same init, and stage 2 on stage 1's student (carry_params) with
+  the switching step's rng at the switch (a recipe's stage has its own rng)."""
+  from etjax.algorithms.recipe import carry_params  # pylint: disable=g-import-not-at-top
+  batch = fx.random_batch(6, batch=8, length=10)
+  teacher = fx.classifier(32, 2, 60, classes=3)  # small: five programs compile
+  teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(1),
+                                         batch["input_ids"])["params"]
+  student = fx.classifier(16, 1, 60, classes=3)
+  txs = (optax.sgd(0.1), optax.adam(1e-2))
+  single = tb.tinybert(student, (teacher, teacher_params), *txs, intermediate_steps=2,
+                       temperature=2.0)
+  stages = tb.tinybert_stages(student, (teacher, teacher_params), *txs,
+                              temperature=2.0)
+  assert set(stages) == {"intermediate", "prediction"}
+  rng = jax.random.PRNGKey(0)
+  want = jax.jit(single.init)(rng, batch)
+  got = jax.jit(stages["intermediate"].init)(rng, batch)
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, unbox(a), unbox(b))
+  same(got.params, want.params)
+  for _ in range(2):
+    want, _ = jax.jit(single.update)(want, batch)
+    got, metrics = jax.jit(stages["intermediate"].update)(got, batch)
+  same(got.params, want.params)
+  assert float(metrics["distill/hidden_mse"]) > 0 and "distill/kd" not in metrics
+  fresh = jax.jit(stages["prediction"].init)(jax.random.PRNGKey(5), batch)
+  assert not unbox(fresh.params["projections"])  # W_e, W_h: stage 1's alone
+  second = carry_params(got, fresh).replace(rng=want.rng)
+  want, _ = jax.jit(single.update)(want, batch)
+  second, metrics = jax.jit(stages["prediction"].update)(second, batch)
+  assert float(metrics["distill/kd"]) > 0
+  same(second.params["student"], want.params["student"])
+
+
 @pytest.mark.slow
 def test_two_stages_on_synthetic_data():
   """A width-32, 2-layer student distilled from the trained teacher through both

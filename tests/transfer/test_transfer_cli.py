@@ -72,6 +72,8 @@ def test_method_trains_evaluates_and_predicts_from_files(method, files, tmp_path
   assert main.run(["train"] + args) == 0, capsys.readouterr().err
   trained = capsys.readouterr().out.strip().splitlines()[-1]
   assert re.search(r"step 3: accuracy=.*macro_f1=.*auc=", trained), trained
+  if method == "adabert":
+    _check_adabert_hand_over(workdir)
   # The target model's checkpoint restores to the same metrics on the eval file.
   assert main.run(["eval"] + args) == 0, capsys.readouterr().err
   assert _accuracy(capsys.readouterr().out) == _accuracy(trained)
@@ -114,6 +116,44 @@ def test_metakd_student_distils_the_trained_meta_teacher(files, teacher, tmp_pat
   for _, label, domain in rows:
     want[domains.index(domain), labels.index(label)] += 1
   np.testing.assert_array_equal(student["counts_kc"], want)
+
+
+def _cells_the_search_chose(alpha_eo, num_nodes: int = 3) -> dict[int, str]:
+  """{edge: op} of the discrete cell, computed here from the searched alpha: per edge
+  the non-zero op of largest weight, per node the 2 edges whose op weighs most (ties
+  to the first, as the derivation's argmax and stable sort)."""
+  from etjax.algorithms.adabert import OP_NAMES  # pylint: disable=g-import-not-at-top
+  probs = np.exp(alpha_eo - alpha_eo.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  probs[:, OP_NAMES.index("zero")] = -1.0
+  best = probs.argmax(-1)
+  chosen, edge = {}, 0
+  for node in range(num_nodes):
+    edges = list(range(edge, edge + 2 + node))  # inputs s0, s1 and earlier nodes
+    edge += len(edges)
+    for e in sorted(edges, key=lambda e: -probs[e, best[e]])[:2]:
+      chosen[e] = OP_NAMES[best[e]]
+  return chosen
+
+
+def _check_adabert_hand_over(workdir: str):
+  """Stage 1 retrains exactly the cells stage 0's alpha chose (adabert.gin: 2 cells
+  of 3 nodes), and the workdir records them."""
+  import json  # pylint: disable=g-import-not-at-top
+  search = _raw_state(os.path.join(workdir, "0_search"))
+  alpha = np.asarray(search["params"]["student"]["alpha"], np.float64)
+  assert alpha.shape == (9, 10) and np.ptp(alpha) > 0  # the search moved it
+  chosen = _cells_the_search_chose(alpha)
+  student = _raw_state(os.path.join(workdir, "1_retrain"))["params"]["student"]
+  assert "alpha" not in student
+  # Pooling and identity have no parameters, so only convolutions show.
+  want = ({f"edge{e}_{op}" for e, op in chosen.items() if "conv" in op}
+          | {"norm0", "norm1", "norm2"})
+  for cell in ("cell0", "cell1"):
+    assert set(student[cell]) == want, (sorted(student[cell]), sorted(want))
+  with open(os.path.join(workdir, "adabert_architecture.json")) as f:
+    recorded = json.load(f)["genotype"]
+  assert recorded == [chosen.get(e, "zero") for e in range(9)]
 
 
 def _fails(args, capsys, *messages):

@@ -1,6 +1,8 @@
 """A transfer run stopped mid-stage resumes there and ends with exactly the state of
 an uninterrupted run, for one method of each family (baseline and meta: two stages,
-stopped in the second; feature, instance, distillation: one stage)."""
+stopped in the second; feature, instance, distillation: one stage) and the two-stage
+distillation recipes (TinyBERT; AdaBERT, whose retraining reads the searched cells
+back when it resumes)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from etjax.transfer import methods
 
 # method -> the sub-directory of its last stage ('' for a one-stage method).
 FAMILIES = {"finetune": "1_target", "drss": "", "rtl": "", "metaft": "1_target",
-            "kd": ""}
+            "kd": "", "tinybert": "1_prediction", "adabert": "1_retrain"}
 
 
 class _Stop(Exception):
@@ -75,6 +77,9 @@ def _args(files, workdir, method):
     args.append(f"--gin.transfer.method='{method}'")
   if method == "drss":  # domain-blocked batches: 3 domains' blocks over 8 devices
     args.append("--gin.train.batch_size=24")
+  if method == "adabert":  # one node per cell: the supernet's gradient compiles faster
+    args.append("--gin.transfer.method_args={'AdaBertConfig.num_cells': 1, "
+                "'AdaBertConfig.num_nodes': 1, 'AdaBertConfig.width': 16}")
   if method and methods.METHODS[method].needs_teacher:
     args.append(f"--gin.transfer.teacher='{files['teacher']}'")
   return args

@@ -159,7 +159,8 @@ def _difference(num_domains: int) -> loss_terms.Term:
     # private features (own_private), whichever way the encoders ran.
     valid_b = jnp.ones_like(domain_b) if weights_b is None else weights_b > 0
     diff = sum(difference_loss(aux["shared"], aux["own_private"],
-                               mask_b=valid_b * (domain_b == d)) for d in range(num_domains))
+                               mask_b=valid_b * (domain_b == d))
+               for d in range(num_domains))
     return diff, {"difference_loss": diff}
   return term
 

@@ -254,6 +254,15 @@ def test_bad_configurations_are_named():
   with pytest.raises(ValueError, match="'domain'"):
     fb.fully_shared(_encoder(), _sgd(), num_domains=K).init(
         jax.random.PRNGKey(0), {k: v for k, v in batch.items() if k != "domain"})
+  with pytest.raises(ValueError,
+                     match=r"drss: unknown setting\(s\) \['discriminator_hidden'\]"):
+    fb.drss(_encoder(), _sgd(), num_domains=K, discriminator_hidden=8)
+  with pytest.raises(ValueError,
+                     match=r"fully_shared: unknown setting\(s\) \['omega_evry'\]"):
+    fb.fully_shared(_encoder(), _sgd(), num_domains=K, omega_evry=2)
+  with pytest.raises(ValueError,
+                     match=r"shared_private: missing setting\(s\) \['num_domains'\]"):
+    fb.shared_private(_encoder(), _sgd())
   with pytest.raises(ValueError, match="state has no Omega"):
     fb.domain_relationships(fb.fully_shared(_encoder(), _sgd(), num_domains=K).init(
         jax.random.PRNGKey(0), batch))

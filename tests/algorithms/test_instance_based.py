@@ -190,6 +190,8 @@ def test_bad_batches_and_arguments_are_named():
     step.update(state, {"source": part, "target": short, "dev": part})
   with pytest.raises(ValueError, match="rtl takes no discriminator_hidden"):
     ib.rtl(_classifier(8), optax.sgd(0.1), optax.sgd(0.1), discriminator_hidden=8)
+  with pytest.raises(ValueError, match=r"mgtl: unknown setting\(s\) \['selector_hiden'\]"):
+    ib.mgtl(_classifier(8), optax.sgd(0.1), optax.sgd(0.1), selector_hiden=8)
   with pytest.raises(ValueError, match="dev_metric"):
     ib.rtl(_classifier(8), optax.sgd(0.1), optax.sgd(0.1), dev_metric="f1")
   with pytest.raises(ValueError, match="source: batch_size must be in 1..8"):

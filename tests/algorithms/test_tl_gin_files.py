@@ -15,6 +15,9 @@ import pytest
 from etjax import main
 from etjax.algorithms import feature_based as fb
 from etjax.algorithms import instance_based as ib
+from etjax.algorithms import metadtl as md
+from etjax.algorithms import metaft as mf
+from etjax.algorithms.settings import settings_from
 from etjax.models.bag import BagOfEmbeddings
 from etjax.models import SequenceClassifier
 from etjax.train import ruder_plank as rp
@@ -57,6 +60,21 @@ def test_instance_gin_files_build_their_method(name):
   step = ib.build_instance_step(classifier=clf, tx=optax.sgd(0.1), **kwargs)
   state = jax.eval_shape(step.init, jax.random.PRNGKey(0), _batch())
   assert ("discriminator" in state.params) == (name == "mgtl")
+
+
+@pytest.mark.parametrize("name,cls", [("metaft", mf.MetaFTSettings),
+                                      ("metadtl", md.MetaDTLSettings)])
+def test_meta_gin_files_are_valid_settings(name, cls):
+  """metaft / metadtl take **settings (gin accepts any name for them), so each file's
+  bindings are checked here against the settings dataclass, and a misspelt name
+  fails naming it."""
+  kwargs = _bindings(f"gin/algorithms/{name}.gin")[name]
+  settings = settings_from(cls, name, kwargs)
+  assert {k: getattr(settings, k) for k in kwargs} == kwargs
+  with pytest.raises(ValueError, match=rf"{name}: unknown setting\(s\) \['temprature'\]"):
+    settings_from(cls, name, {**kwargs, "temprature": 0.5})
+  with pytest.raises(ValueError, match="unknown setting"):
+    (mf.metaft if name == "metaft" else md.metadtl)(None, None, temprature=0.5)
 
 
 def _accepts(fn, kwargs, where):

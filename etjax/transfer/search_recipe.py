@@ -49,7 +49,8 @@ def build(m: "Materials", settings: dict) -> list[Stage]:
   config = ab.AdaBertConfig(**dict(settings["AdaBertConfig"], vocab_size=m.vocab_size,
                                    num_labels=m.make_classifier().num_labels))
   search_kwargs = settings["adabert_search"]
-  # Nothing is pretrained: every parameter takes the new parameters' learning rate.
+  # Nothing is pretrained: every parameter is a new one (optimizer.new_params_
+  # learning_rate when set, else optimizer.learning_rate).
   search = ab.adabert_search(config, m.teacher, m.make_tx(steps, ()),
                              ab.arch_optimizer(**settings["arch_optimizer"]),
                              **search_kwargs)
@@ -90,8 +91,9 @@ def searched_genotype(workdir: str, search_dir: str, search_steps: int,
             "ops": list(ab.OP_NAMES), "alpha": alpha.tolist(),
             "search_step": search_steps,
             "student_parameters": ab.student_param_count(genotype, config)}
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1)
+  with open(path + ".tmp", "w") as f:  # one line per field: the cells read at a glance
+    f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
+                                for k, v in record.items()) + "\n}\n")
   os.replace(path + ".tmp", path)
   return genotype
 

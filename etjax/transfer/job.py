@@ -1,7 +1,7 @@
 """A transfer job from plain settings: roles, optimizer, stages, training, evaluation.
 
-What `etjax train` / `eval` / `predict` run when `transfer.method` is set (main.py
-reads gin and passes plain values here).
+What `etjax train` / `eval` / `predict` run when `transfer.method` is set (etjax/cli
+reads gin; etjax.jobs.runs passes plain values here).
 """
 
 from __future__ import annotations

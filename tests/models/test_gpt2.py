@@ -162,7 +162,7 @@ def test_unsupported_transformers_options_are_named():
 
 
 def test_gpt2_fine_tunes_through_the_classifier_path():
-  """The zoo name goes through train.tasks.build_classifier and finetune unchanged."""
+  """The zoo name goes through jobs.tasks.build_classifier and finetune unchanged."""
   import optax  # pylint: disable=g-import-not-at-top
   from etjax import algorithms  # pylint: disable=g-import-not-at-top
   from etjax.jobs import tasks  # pylint: disable=g-import-not-at-top

@@ -276,7 +276,7 @@ def save_trainable(directory: str, params: Any, config: PeftConfig, *,
   save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path + ".tmp")
   os.replace(path + ".tmp", path)
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+    json.dump(config_json(config), f, indent=2, sort_keys=True)
   return directory
 
 
@@ -288,13 +288,32 @@ def load_trainable(directory: str) -> tuple[PeftConfig, dict]:
   for path in paths:
     if not os.path.exists(path):
       raise ValueError(f"{path} not found: not a directory written by save_trainable")
-  with open(paths[1]) as f:
-    fields = json.load(f)
+  return read_config(paths[1]), peft_sites.unflatten(load_file(paths[0]))
+
+
+def config_json(config: PeftConfig) -> dict:
+  """`config` as the JSON object CONFIG_FILE holds (tuples as lists, so that it
+  equals the file read back)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def read_config(path: str) -> PeftConfig:
+  """The PeftConfig of a CONFIG_FILE (`save_trainable`'s, or a trained workdir's).
+
+  Raises:
+    ValueError: not readable JSON, or fields PeftConfig rejects (naming `path`).
+  """
   try:
-    config = PeftConfig(**fields)
-  except TypeError as e:
-    raise ValueError(f"{paths[1]}: bad PeftConfig fields: {e}") from e
-  return config, peft_sites.unflatten(load_file(paths[0]))
+    with open(path, encoding="utf-8") as f:
+      fields = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not readable JSON ({e})") from None
+  if not isinstance(fields, dict):
+    raise ValueError(f"{path}: expected a JSON object of PeftConfig fields")
+  try:
+    return PeftConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: bad PeftConfig fields: {e}") from e
 
 
 def count_params(params: Any, is_trainable: Optional[Callable[[str], bool]] = None
@@ -331,5 +350,6 @@ def config_from_flags(method: str, **settings) -> Optional[PeftConfig]:
 
 __all__: Sequence[str] = (
     "PeftConfig", "PeftModel", "freeze", "transform", "finetune", "trainable_params",
-    "merge_trainable", "merge_lora", "save_trainable", "load_trainable", "count_params",
+    "merge_trainable", "merge_lora", "save_trainable", "load_trainable", "config_json",
+    "read_config", "count_params",
     "tree_bytes", "trainable_summary", "config_from_flags", "METHODS")

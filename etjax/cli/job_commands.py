@@ -75,6 +75,7 @@ def cmd_train(workdir_suffix: str = "", **classifier_changes) -> dict:
     files[tasks.MODEL_SPEC] = tasks.model_spec(
         module, max_length=run["max_length"],
         name=classifier()["pretrained"] or classifier()["model"])
+    files.update(tasks.peft_files(transfer()["peft"]))  # what export rebuilds PEFT from
     if transfer()["method"] is not None:
       from etjax.transfer import roles  # pylint: disable=g-import-not-at-top
       files[assets.ROLES] = roles.as_json(trainer.roles, transfer()["method"],

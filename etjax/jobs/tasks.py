@@ -289,6 +289,15 @@ def save_model_spec(workdir: str, module: Any, *, max_length: int, name: str) ->
   return path
 
 
+def peft_files(config: Any) -> dict:
+  """{'peft_config.json': the PeftConfig as JSON} of a transfer.peft run, {} without
+  one: with model.json, what rebuilds the model that trained (etjax.jobs.trained)."""
+  if config is None:
+    return {}
+  from etjax.algorithms import peft  # pylint: disable=g-import-not-at-top
+  return {peft.CONFIG_FILE: peft.config_json(config)}
+
+
 def load_model_spec(workdir: str) -> tuple[Any, dict]:
   """(SequenceClassifier, spec dict) rebuilt from the workdir's model.json."""
   path = os.path.join(workdir, MODEL_SPEC)

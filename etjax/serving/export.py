@@ -38,6 +38,7 @@ from jax import export as jax_export
 
 import etjax
 from etjax import models
+from etjax.algorithms import peft
 from etjax.jobs.trained import load_classifier
 from etjax.serving.loader import FORMAT, FORMAT_VERSION, MANIFEST, sha256_of
 
@@ -138,7 +139,8 @@ def export_classifier(module: nn.Module, params: Mapping[str, Any], tokenizer: A
   """Writes a new version of `module` with `params` under `output_dir`.
 
   Args:
-    module: the classifier (a SequenceClassifier: logits [batch, classes]).
+    module: the classifier (a SequenceClassifier, or a peft.PeftModel of one: logits
+      [batch, classes]).
     params: its plain (unboxed) parameters.
     tokenizer: an etjax.data.Tokenizer (saved beside the functions).
     label_names: one name per class.
@@ -216,16 +218,22 @@ def export_workdir(workdir: str, output_dir: str, *, step: Optional[int] = None,
   """Exports the classifier an `etjax train` run left in `workdir` (its model.json,
   tokenizer, labels.json and checkpoints): the given step, else the best by
   `best_metric`, else the latest. `dtype` ('float32', 'bfloat16') changes the compute
-  dtype from the trained one (the parameters keep theirs). Returns the new version
-  directory."""
+  dtype from the trained one (the parameters keep theirs). A transfer.peft run exports
+  the model that trained (jobs.trained.load_classifier: LoRA merged into the kernels,
+  adapters and prompts in the function). Returns the new version directory."""
   trained = load_classifier(workdir, step=step, best_metric=best_metric)
   module = trained.module
   if dtype is not None:
     config = module.encoder.config.replace(dtype=dtype)
-    module = module.clone(encoder=models.module_for(config))
+    if isinstance(module, peft.PeftModel):  # adapters, prompts: re-wrap the classifier
+      module = peft.PeftModel(module.module.clone(encoder=models.module_for(config)),
+                              module.config)
+    else:
+      module = module.clone(encoder=models.module_for(config))
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": trained.step,
             "checkpoint_choice": trained.chosen,
-            "compute_dtype": module.encoder.config.dtype}
+            "compute_dtype": module.encoder.config.dtype,
+            "peft": trained.peft.method if trained.peft else None}
   params, tokenizer, label_names, spec = (trained.params, trained.tokenizer,
                                           trained.label_names, trained.spec)
   return export_classifier(module, params, tokenizer, label_names, output_dir,

@@ -35,6 +35,7 @@ ALGORITHMS = {
     "tinybert": ("etjax.algorithms.tinybert", "tinybert"),
     "AdaBertConfig": ("etjax.algorithms.adabert", "AdaBertConfig"),
     "adabert_search": ("etjax.algorithms.adabert", "adabert_search"),
+    "arch_optimizer": ("etjax.algorithms.adabert", "arch_optimizer"),
     "feature_tl": ("etjax.algorithms.feature_based", "build_feature_step"),
     "instance_tl": ("etjax.algorithms.instance_based", "build_instance_step"),
     "ruder_plank": ("etjax.train.ruder_plank", "search"),
